@@ -1,0 +1,184 @@
+"""`tunepipe`: run the fine-tuning pipeline, one stage, or look at the registry.
+
+    tunepipe run examples/quickstart.yaml --set train.max_steps=100
+    tunepipe stage ingest examples/quickstart.yaml --workdir runs
+    tunepipe registry list --registry registry
+    tunepipe config --keys
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import ConfigError, PipelineConfig, describe_fields, load_config
+
+EPILOG = """examples:
+  tunepipe run examples/quickstart.yaml                      # the whole DAG, cached, resumable
+  tunepipe run examples/quickstart.yaml --set train.nproc_per_node=2 --set train.lr=3e-4
+  tunepipe stage tokenize examples/quickstart.yaml           # one stage and what it needs, no Prefect
+  tunepipe registry list --registry registry
+  tunepipe registry pull quickstart-gpt2 <version> ./model-copy
+  tunepipe config --keys                                     # every config key, default and meaning
+"""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="pipeline YAML (omit for the embedded defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument("--workdir", default="runs", help="where stage outputs live: a folder or s3:// URL (default: runs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunepipe", description="Fine-tuning pipelines: raw data to a published, versioned model.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the whole pipeline as a Prefect flow")
+    _add_config_args(run)
+
+    stage = sub.add_parser("stage", help="run one stage (and the stages it needs) without Prefect")
+    from pipeline.stages import ORDER
+
+    stage.add_argument("name", choices=ORDER)
+    _add_config_args(stage)
+
+    registry = sub.add_parser("registry", help="list, pull or verify published versions")
+    registry_sub = registry.add_subparsers(dest="registry_command", required=True)
+    for name, help_text in [("list", "list published versions"), ("pull", "copy a version locally and verify it"), ("verify", "check a version's files against its manifest")]:
+        p = registry_sub.add_parser(name, help=help_text)
+        p.add_argument("--registry", default="registry", help="registry root: folder or s3:// URL (default: registry)")
+        if name in ("pull", "verify"):
+            p.add_argument("model")
+            p.add_argument("version")
+        if name == "pull":
+            p.add_argument("dest")
+
+    config = sub.add_parser("config", help="print the resolved config, or every key with --keys")
+    _add_config_args(config)
+    config.add_argument("--keys", action="store_true", help="list every config key with its default and meaning")
+    return parser
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _stat_summary(name: str, stats: dict) -> str:
+    keys = {
+        "ingest": ["rows_in", "rows_out", "rows_rejected"],
+        "sample": ["train", "validation"],
+        "preprocess": ["train_rows", "validation_rows"],
+        "tokenize": ["tokens", "train_blocks", "utilisation"],
+        "train": ["steps", "world_size", "final_loss", "tokens_per_s"],
+        "evaluate": ["perplexity", "gate_passed"],
+        "publish": ["version"],
+    }.get(name, [])
+    parts = []
+    for k in keys:
+        if k in stats:
+            v = stats[k]
+            parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    return " ".join(parts)
+
+
+def write_summary(results, cfg: PipelineConfig, workdir: str) -> Path:
+    from pipeline.artifacts import is_remote
+
+    base = Path(workdir) if not is_remote(workdir) else Path("runs")
+    run_dir = base / "history" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    suffix, candidate = 1, run_dir
+    while candidate.exists():
+        candidate, suffix = Path(f"{run_dir}-{suffix}"), suffix + 1
+    run_dir = candidate
+    run_dir.mkdir(parents=True)
+    publish = next((r for r in results if r.name == "publish"), None)
+    summary = {
+        "stages": [r.as_summary() for r in results],
+        "registry_version": publish.stats.get("url") if publish else None,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    rows = [[r.name, r.status, f"{r.seconds:.1f}", r.fingerprint[:12], _stat_summary(r.name, r.stats)] for r in results]
+    print()
+    print(_table(rows, ["stage", "status", "seconds", "fingerprint", "stats"]))
+    if summary["registry_version"]:
+        print(f"\npublished: {summary['registry_version']}")
+    return run_dir / "summary.json"
+
+
+def cmd_run(args, cfg: PipelineConfig) -> int:
+    # Offline machines: Prefect's telemetry would only log connection errors.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.finetune import finetune
+
+    results = finetune(cfg, workdir=args.workdir)
+    summary = write_summary(results, cfg, args.workdir)
+    print(summary.resolve())
+    return 0
+
+
+def cmd_stage(args, cfg: PipelineConfig) -> int:
+    from pipeline.stages import run_stages
+
+    results = run_stages(cfg, args.workdir, until=args.name)
+    summary = write_summary(results, cfg, args.workdir)
+    print(summary.resolve())
+    return 0
+
+
+def cmd_registry(args) -> int:
+    from pipeline import artifacts, registry
+
+    if args.registry_command == "list":
+        rows = registry.list_versions(args.registry)
+        if not rows:
+            print(f"no published versions under {args.registry}")
+            return 0
+        table_rows = [
+            [r["model"], r["version"], time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["created_unix"] or 0)), r["files"], f"{r['bytes'] / 1e6:.1f} MB", "" if r["perplexity"] is None else f"{r['perplexity']:.3f}", r["url"]]
+            for r in rows
+        ]
+        print(_table(table_rows, ["model", "version", "created (UTC)", "files", "size", "perplexity", "url"]))
+        return 0
+    if args.registry_command == "verify":
+        url = registry.version_url(args.registry, args.model, args.version)
+        problems = artifacts.verify(url)
+        print("\n".join(problems) if problems else f"ok: {url}")
+        return 1 if problems else 0
+    dest = registry.pull_version(args.registry, args.model, args.version, Path(args.dest))
+    print(f"pulled and verified: {dest}")
+    return 0
+
+
+def cmd_config(args, cfg: PipelineConfig) -> int:
+    if args.keys:
+        for key, default, doc in describe_fields():
+            print(f"{key} = {default}\n    {doc}")
+        return 0
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "registry":
+        return cmd_registry(args)
+    try:
+        # Validate the whole config before any stage runs: a typo must not cost a training run.
+        cfg = load_config(args.config, args.set)
+    except (ConfigError, OSError) as e:
+        print(f"tunepipe: {e}", file=sys.stderr)
+        return 2
+    return {"run": cmd_run, "stage": cmd_stage, "config": cmd_config}[args.command](args, cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""Typed pipeline configuration: one frozen pydantic model per stage, composed into `PipelineConfig`.
+
+Load a YAML preset and apply dotted overrides:
+
+    cfg = load_config("examples/quickstart.yaml", ["train.lr=3e-4", "train.max_steps=50"])
+
+Every field's docstring is its reference documentation (`tunepipe config --help` prints them).
+A wrong key or a bad value raises `ConfigError` naming the dotted key, before any stage runs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or its value is invalid. The message names the dotted key."""
+
+
+class Section(BaseModel):
+    """Base for every config section: immutable, and unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    # Fields that change how a stage runs but never what it produces (logging cadence,
+    # checkpoint cadence). They are left out of the fingerprint so that changing them
+    # does not throw away a cache that is still valid.
+    not_fingerprinted: ClassVar[frozenset[str]] = frozenset()
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json")
+        return {k: v for k, v in data.items() if k not in type(self).not_fingerprinted}
+
+
+class DataConfig(Section):
+    source: str | list[str] = "examples/data/support.csv"
+    """Input file(s): a path, a glob, an fsspec URL (s3://bucket/key.csv) or a list of them. Relative paths are relative to the working directory."""
+    format: Literal["csv", "tsv", "jsonl", "parquet"] | None = None
+    """Input format; inferred from the file extension when absent."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt (instruction) text."""
+    response_column: str = "response"
+    """Column holding the response text the model learns to produce."""
+    max_reject_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    """Fail the ingest when more than this fraction of rows is rejected."""
+    shard_rows: int = Field(100_000, gt=0)
+    """Rows per output Parquet shard."""
+
+
+class SampleConfig(Section):
+    fraction: float | None = Field(None, gt=0.0, le=1.0)
+    """Keep this fraction of the rows (seeded). Mutually exclusive with `count`."""
+    count: int | None = Field(None, gt=0)
+    """Keep this many rows (seeded). Mutually exclusive with `fraction`."""
+    validation_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    """Fraction of the kept rows held out for validation."""
+    seed: int = 0
+    """Seed for row selection and the split; the same seed gives the same rows."""
+
+    @model_validator(mode="after")
+    def _one_of_fraction_count(self) -> "SampleConfig":
+        if self.fraction is not None and self.count is not None:
+            raise ValueError("set sample.fraction or sample.count, not both")
+        return self
+
+
+class PreprocessConfig(Section):
+    prompt_template: str = "### Question:\n{prompt}\n### Answer:\n"
+    """Template for the prompt part; `{prompt}` is the prompt column. Its tokens are masked from the loss."""
+    response_template: str = "{response}"
+    """Template for the response part; `{response}` is the response column. The tokenizer's EOS follows it."""
+
+
+class TokenizeConfig(Section):
+    block_size: int = Field(128, ge=8)
+    """Length of each packed training block, in tokens."""
+    vocab_size: int = Field(2000, ge=300)
+    """Vocabulary size of the BPE tokenizer trained on the train split when `model.init` is `scratch`."""
+    batch_size: int = Field(1000, gt=0)
+    """Texts per tokenizer call."""
+    mask_prompt: bool = True
+    """Label prompt tokens -100 so the loss covers only the response."""
+
+
+class ModelConfig(Section):
+    name: str = "gpt2"
+    """Hugging Face model id or local folder. With `init: scratch` only its architecture family is used."""
+    init: Literal["scratch", "pretrained"] = "scratch"
+    """`scratch`: a fresh model of the size below with a BPE tokenizer trained on the data; `pretrained`: load `name` (weights and tokenizer)."""
+    n_layer: int = Field(2, gt=0)
+    """Transformer blocks (scratch only)."""
+    n_head: int = Field(2, gt=0)
+    """Attention heads (scratch only)."""
+    n_embd: int = Field(64, gt=0)
+    """Hidden size (scratch only)."""
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    """Dropout for residual, embedding and attention (scratch only)."""
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ModelConfig":
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        return self
+
+
+class TrainConfig(Section):
+    not_fingerprinted: ClassVar[frozenset[str]] = frozenset({"save_every_steps", "keep_last_checkpoints", "log_every_steps"})
+
+    seed: int = 0
+    """Seed for initialisation, dropout and data order."""
+    lr: float = Field(1e-3, gt=0.0)
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = Field(0.01, ge=0.0)
+    """AdamW weight decay."""
+    warmup_steps: int = Field(20, ge=0)
+    """Linear warmup steps before the cosine decay."""
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    """The cosine decays to lr * min_lr_ratio at max_steps."""
+    max_steps: int = Field(200, gt=0)
+    """Optimizer steps to train."""
+    micro_batch_size: int = Field(8, gt=0)
+    """Blocks per rank per forward pass."""
+    grad_accum_steps: int = Field(1, gt=0)
+    """Micro-batches accumulated per optimizer step. Global batch = micro_batch_size x grad_accum_steps x world size."""
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    """Gradient clipping norm."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto`: bf16 autocast on a CUDA device that supports it, fp32 elsewhere."""
+    save_every_steps: int = Field(50, gt=0)
+    """Write a resumable checkpoint every N steps (and at the end)."""
+    keep_last_checkpoints: int = Field(2, gt=0)
+    """Older complete checkpoints beyond this many are deleted; the newest complete one never is."""
+    log_every_steps: int = Field(10, gt=0)
+    """Log loss, learning rate and throughput every N steps."""
+    nproc_per_node: int = Field(1, gt=0)
+    """Processes `torchrun` starts on this node (one per GPU; on CPU, gloo ranks)."""
+
+
+class EvaluateConfig(Section):
+    max_batches: int = Field(50, gt=0)
+    """Validation blocks are scored in batches of 8, up to this many batches."""
+    num_generations: int = Field(3, ge=0)
+    """Validation prompts to generate answers for, written into metrics.json."""
+    max_new_tokens: int = Field(40, gt=0)
+    """Tokens generated per sample prompt."""
+    max_perplexity: float | None = Field(None, gt=0.0)
+    """Evaluation gate: refuse to publish when validation perplexity is above this."""
+
+
+class RegistryConfig(Section):
+    url: str = "registry"
+    """Registry root: a local folder or an fsspec URL (s3://bucket/prefix)."""
+    model_name: str = Field("quickstart-gpt2", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """Name under which versions are published."""
+    version: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """Version label; default: the first 12 hex digits of the publish fingerprint, so identical inputs give the identical version."""
+
+
+class PipelineConfig(Section):
+    data: DataConfig = DataConfig()
+    sample: SampleConfig = SampleConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, Section):
+            keys.extend(_known_keys(annotation, prefix + name + "."))
+    return keys
+
+
+def _unknown_key_message(key: str) -> str:
+    close = difflib.get_close_matches(key, _known_keys(PipelineConfig), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown config key '{key}'{hint}"
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one `dotted.key=value` override in place; the value is parsed as YAML (so 3, 0.5, true, [a, b] work)."""
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' must look like key=value, e.g. train.lr=3e-4")
+    key, _, text = override.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    model: type[BaseModel] = PipelineConfig
+    node = raw
+    for depth, part in enumerate(parts):
+        if part not in model.model_fields:
+            raise ConfigError(_unknown_key_message(key))
+        annotation = model.model_fields[part].annotation
+        last = depth == len(parts) - 1
+        if last:
+            node[part] = yaml.safe_load(text) if text.strip() else None
+        else:
+            if not (isinstance(annotation, type) and issubclass(annotation, Section)):
+                raise ConfigError(_unknown_key_message(key))
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key '{'.'.join(parts[: depth + 1])}' must be a mapping")
+            model = annotation
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"] if p != "__root__")
+        if item["type"] == "extra_forbidden":
+            lines.append(_unknown_key_message(key))
+        else:
+            value = item.get("input")
+            shown = "" if isinstance(value, dict) else f" (got {value!r})"
+            lines.append(f"config key '{key or '<root>'}': {item['msg']}{shown}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] = ()) -> PipelineConfig:
+    raw = json.loads(json.dumps(raw or {}))  # deep copy; overrides must not touch the caller's dict
+    for override in overrides:
+        apply_override(raw, override)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> PipelineConfig:
+    """Load a YAML preset (or the embedded defaults when `path` is None) and apply dotted overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        raw = yaml.safe_load(text) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (data:, train:, ...)")
+    return build_config(raw, overrides)
+
+
+def describe_fields(model: type[BaseModel] = PipelineConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, docstring) for every leaf field: the reference docs of the config."""
+    rows = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, Section):
+            rows.extend(describe_fields(annotation, prefix + name + "."))
+        else:
+            rows.append((prefix + name, repr(field.default), field.description or ""))
+    return rows

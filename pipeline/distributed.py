@@ -1,0 +1,92 @@
+"""Everything that knows about ranks and process groups. Nothing else in tunepipe does.
+
+`init_distributed()` reads the environment `torchrun` sets; `wrap_model()` is the only place
+DDP appears. Model, data and method code receive a `DistInfo` and never ask for the rank.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    backend: str | None
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group torchrun described (or run alone when started without torchrun)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if world_size == 1:
+        return DistInfo(0, 0, 1, None, device)
+    if torch.cuda.is_available() and local_rank >= torch.cuda.device_count():
+        raise RuntimeError(
+            f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
+            "lower train.nproc_per_node"
+        )
+    # Long timeout: the first collective waits for every rank to finish loading the model.
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+    return DistInfo(rank, local_rank, world_size, backend, device)
+
+
+def wrap_model(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    if not info.is_distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [info.local_rank] if info.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def no_grad_sync(model: torch.nn.Module, sync: bool):
+    """Skip DDP's gradient all-reduce on accumulation micro-steps that are not the last."""
+    if sync or not hasattr(model, "no_sync"):
+        return nullcontext()
+    return model.no_sync()
+
+
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.is_distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier(info: DistInfo) -> None:
+    if info.is_distributed:
+        dist.barrier()
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.is_distributed and dist.is_initialized():
+        dist.destroy_process_group()

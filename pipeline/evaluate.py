@@ -1,0 +1,84 @@
+"""Evaluate the trained model: validation perplexity on the held-out blocks and sample generations.
+
+With a pretrained base (`model.init: pretrained`), each sample prompt is answered by the base
+model and by the tuned one side by side, so a reviewer sees what fine-tuning changed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.config import EvaluateConfig, ModelConfig
+from pipeline.data_loader import PackedBlocks
+
+_EVAL_BATCH = 8
+
+
+@torch.no_grad()
+def perplexity(model, blocks: PackedBlocks, max_batches: int) -> tuple[float, int]:
+    """(mean loss over label tokens, label token count) over up to max_batches batches, in order."""
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    for b in range(min(max_batches, math.ceil(len(blocks) / _EVAL_BATCH))):
+        ids = range(b * _EVAL_BATCH, min(len(blocks), (b + 1) * _EVAL_BATCH))
+        x, y = blocks.batch(list(ids))
+        logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits
+        total_loss += F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), y[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+        ).item()
+        total_tokens += int((y[:, 1:] != -100).sum())
+    return total_loss / max(1, total_tokens), total_tokens
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
+    ids = ids[:, -max(1, limit - max_new_tokens) :]  # keep room for the answer inside the context
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,  # greedy: generations are reproducible and comparable across versions
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def run(cfg: EvaluateConfig, model_cfg: ModelConfig, *, inputs: dict[str, Path], out: Path, scratch: Path) -> dict:
+    torch.manual_seed(0)
+    trained = inputs["train"]
+    tokenizer = AutoTokenizer.from_pretrained(trained / "tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(trained / "model")
+    loss, tokens = perplexity(model, PackedBlocks(inputs["tokenize"] / "validation"), cfg.max_batches)
+    ppl = math.exp(min(loss, 50.0))
+
+    base = None
+    if model_cfg.init == "pretrained" and cfg.num_generations:
+        base = AutoModelForCausalLM.from_pretrained(model_cfg.name).eval()
+    validation = pq.read_table(inputs["preprocess"] / "validation.parquet", columns=["prompt", "response"])
+    generations = []
+    for row in validation.slice(0, cfg.num_generations).to_pylist():
+        sample = {"prompt": row["prompt"], "reference": row["response"], "tuned": generate(model, tokenizer, row["prompt"], cfg.max_new_tokens)}
+        if base is not None:
+            sample["base"] = generate(base, tokenizer, row["prompt"], cfg.max_new_tokens)
+        generations.append(sample)
+
+    passed = cfg.max_perplexity is None or ppl <= cfg.max_perplexity
+    metrics = {
+        "perplexity": ppl,
+        "eval_loss": loss,
+        "eval_tokens": tokens,
+        "gate": {"max_perplexity": cfg.max_perplexity, "passed": passed},
+        "generations": generations,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
+    return {"perplexity": round(ppl, 4), "eval_loss": round(loss, 5), "eval_tokens": tokens, "gate_passed": passed}

@@ -1,0 +1,161 @@
+"""The stage table and the cache-aware runner. Works without Prefect; `flows/` only sequences it.
+
+Each stage is `run(*sections, inputs={parent: Path}, out=Path, scratch=Path) -> stats`. It is
+handed exactly the config sections it declares, and those sections are exactly what its
+fingerprint hashes, so a stage cannot read a setting that its cache key ignores.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline import artifacts
+from pipeline.artifacts import Artifact, StageOutput
+from pipeline.config import PipelineConfig
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    module: str
+    """Module with `run(...)` (and optionally `content_fingerprint(...)`)."""
+    sections: tuple[str, ...]
+    """Config sections handed to `run`, in order; exactly these are fingerprinted."""
+    parents: tuple[str, ...] = ()
+    code: tuple[str, ...] = ()
+    """Further modules whose source is part of this stage's code version."""
+
+    def load(self):
+        return importlib.import_module(self.module)
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in [
+        Stage("ingest", "pipeline.ingest", ("data",)),
+        Stage("sample", "pipeline.sample", ("sample",), ("ingest",)),
+        Stage("preprocess", "pipeline.preprocess", ("preprocess", "data"), ("sample",)),
+        Stage("tokenize", "pipeline.tokenize", ("tokenize", "model"), ("preprocess",), ("pipeline.text_tokenizer",)),
+        Stage(
+            "train",
+            "pipeline.launch",
+            ("model", "train"),
+            ("tokenize",),
+            ("pipeline.train", "pipeline.modeling", "pipeline.checkpoint", "pipeline.distributed", "pipeline.data_loader"),
+        ),
+        Stage("evaluate", "pipeline.evaluate", ("evaluate", "model"), ("preprocess", "tokenize", "train"), ("pipeline.data_loader",)),
+        Stage("publish", "pipeline.publish", ("registry", "evaluate"), ("tokenize", "train", "evaluate")),
+    ]
+}
+ORDER = list(STAGES)
+
+
+@dataclass
+class StageResult:
+    name: str
+    status: str  # "ran" | "cached" | "resumed"
+    fingerprint: str
+    seconds: float
+    output: str
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def artifact(self) -> Artifact:
+        return Artifact(self.name, self.fingerprint, self.output, self.stats)
+
+    def as_summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "fingerprint": self.fingerprint,
+            "seconds": round(self.seconds, 3),
+            "output": self.output,
+            "stats": self.stats,
+        }
+
+
+def _sections(stage: Stage, cfg: PipelineConfig) -> list[Any]:
+    return [getattr(cfg, s) for s in stage.sections]
+
+
+def compute_fingerprint(name: str, cfg: PipelineConfig, parents: dict[str, Artifact]) -> str:
+    stage = STAGES[name]
+    module = stage.load()
+    sections = _sections(stage, cfg)
+    content = module.content_fingerprint(*sections) if hasattr(module, "content_fingerprint") else None
+    code = artifacts.code_version(
+        [module, artifacts, *(importlib.import_module(m) for m in stage.code)]
+    )
+    return artifacts.fingerprint(
+        name,
+        {s: section.fingerprint_dict() for s, section in zip(stage.sections, sections)},
+        {p: parents[p].fingerprint for p in stage.parents},
+        code,
+        content,
+    )
+
+
+def scratch_dir(workdir: str, name: str, fp: str) -> Path:
+    """Local, non-artifact space that survives a crash (training checkpoints live here)."""
+    base = Path(workdir) if not artifacts.is_remote(workdir) else Path.home() / ".cache" / "tunepipe" / "scratch"
+    return base / "scratch" / name / fp
+
+
+def materialize(
+    name: str,
+    cfg: PipelineConfig,
+    parents: dict[str, Artifact],
+    workdir: str,
+    fp: str | None = None,
+    log: Callable[[str], None] = print,
+) -> StageResult:
+    """Load the committed output of stage `name` for these inputs, or run the stage and commit it."""
+    stage = STAGES[name]
+    fp = fp or compute_fingerprint(name, cfg, parents)
+    out = StageOutput(workdir, name, fp)
+    start = time.perf_counter()
+    done = out.committed()
+    if done is not None and _still_valid(stage, done):
+        return StageResult(name, "cached", fp, time.perf_counter() - start, done.url, done.stats)
+    if out.clear_uncommitted():
+        log(f"[{name}] removed an uncommitted partial output at {out.url}")
+    path = out.prepare()
+    module = stage.load()
+    inputs = {p: parents[p].local_path() for p in stage.parents}
+    content = module.content_fingerprint(*_sections(stage, cfg)) if hasattr(module, "content_fingerprint") else None
+    stats = module.run(*_sections(stage, cfg), inputs=inputs, out=path, scratch=scratch_dir(workdir, name, fp))
+    record = {
+        "content": content,
+        "config": {s: getattr(cfg, s).model_dump(mode="json") for s in stage.sections},
+        "parents": {p: {"fingerprint": parents[p].fingerprint, "url": parents[p].url} for p in stage.parents},
+    }
+    artifact = out.commit(stats, record)
+    status = "resumed" if stats.get("resumed_from_step") else "ran"
+    return StageResult(name, status, fp, time.perf_counter() - start, artifact.url, stats)
+
+
+def _still_valid(stage: Stage, done: Artifact) -> bool:
+    module = stage.load()
+    check = getattr(module, "still_valid", None)
+    return check(done) if check else True
+
+
+def run_stages(
+    cfg: PipelineConfig,
+    workdir: str,
+    until: str | None = None,
+    log: Callable[[str], None] = print,
+) -> list[StageResult]:
+    """Run (or load) every stage in order up to and including `until`, without Prefect."""
+    results: dict[str, StageResult] = {}
+    for name in ORDER:
+        parents = {p: results[p].artifact for p in STAGES[name].parents}
+        results[name] = materialize(name, cfg, parents, workdir, log=log)
+        log(f"[{name}] {results[name].status} -> {results[name].output}")
+        if name == until:
+            break
+    return list(results.values())
