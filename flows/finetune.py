@@ -23,7 +23,7 @@ from pipeline.stages import StageResult
 def _cache_key(context: TaskRunContext, parameters: dict) -> str | None:
     name, fp, workdir = parameters["name"], parameters["fingerprint"], parameters["workdir"]
     done = StageOutput(workdir, name, fp).committed()
-    if done is None or not stages._still_valid(stages.STAGES[name], done):
+    if done is None or not stages.still_valid(stages.STAGES[name], done):
         return None  # no key: Prefect runs the task, and materialize rebuilds the output
     return f"tunepipe-{name}-{fp}"
 

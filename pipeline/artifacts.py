@@ -14,6 +14,7 @@ written to a local staging folder and uploaded file by file, manifest last, so t
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -83,16 +84,19 @@ def hash_json(value: Any) -> str:
     return hashlib.sha256(canonical_json(value).encode()).hexdigest()
 
 
-def code_version(modules: Iterable[Any]) -> str:
+def code_version(module_names: Iterable[str]) -> str:
     """sha256 over the source of the modules a stage's output depends on.
 
     Any edit to them changes the fingerprint: conservative, but a stale cache after a code
     change is the failure users cannot see, so we pay for it with a recompute instead.
+    The files are found without importing them, so fingerprinting a cached run stays cheap.
     """
     digest = hashlib.sha256()
-    for module in modules:
-        source = Path(module.__file__).read_bytes()
-        digest.update(module.__name__.encode() + b"\0" + source + b"\0")
+    for name in module_names:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin:
+            raise ArtifactError(f"cannot find the source of module {name}")
+        digest.update(name.encode() + b"\0" + Path(spec.origin).read_bytes() + b"\0")
     return digest.hexdigest()
 
 
@@ -147,8 +151,9 @@ def load_committed(url: str) -> Artifact | None:
 
 
 def list_files(root: Path) -> list[str]:
+    # Only the top-level manifest is ours; a file of that name deeper down is content to hash.
     return sorted(
-        p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST
+        rel for p in root.rglob("*") if p.is_file() and (rel := p.relative_to(root).as_posix()) != MANIFEST
     )
 
 
@@ -166,9 +171,7 @@ def verify(url: str) -> list[str]:
             problems.append(f"{rel}: missing")
         elif sha256_file(file_path, fs) != entry["sha256"]:
             problems.append(f"{rel}: sha256 mismatch")
-    present = {
-        p[len(path.rstrip("/")) + 1 :] for p in fs.find(path) if not p.endswith("/" + MANIFEST)
-    }
+    present = {p[len(path.rstrip("/")) + 1 :] for p in fs.find(path)} - {MANIFEST}
     for extra in sorted(present - set(manifest["files"])):
         problems.append(f"{extra}: not in manifest")
     return problems
@@ -186,11 +189,9 @@ class StageOutput:
         self.fingerprint = fp
         self.url = join(root, stage, fp)
         self._staging: Path | None = None
-        if is_remote(root):
-            self._staging = Path(tempfile.mkdtemp(prefix=f"tunepipe-{stage}-"))
-            self.path = self._staging
-        else:
-            self.path = Path(self.url)
+        # Remote: the staging folder is made by prepare(), so that the runner's mere
+        # `committed()` check on every cached stage leaves no empty temp folder behind.
+        self.path: Path | None = None if is_remote(root) else Path(self.url)
 
     def committed(self) -> Artifact | None:
         return load_committed(self.url)
@@ -205,6 +206,8 @@ class StageOutput:
 
     def prepare(self) -> Path:
         self.clear_uncommitted()
+        if self.path is None:
+            self._staging = self.path = Path(tempfile.mkdtemp(prefix=f"tunepipe-{self.stage}-"))
         self.path.mkdir(parents=True, exist_ok=True)
         return self.path
 

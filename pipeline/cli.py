@@ -117,6 +117,11 @@ def write_summary(results, cfg: PipelineConfig, workdir: str) -> Path:
 def cmd_run(args, cfg: PipelineConfig) -> int:
     # Offline machines: Prefect's telemetry would only log connection errors.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # A fresh PREFECT_HOME spends ~20 s on database migrations, which is Prefect's whole
+    # default start-up allowance for the embedded server on a 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # The embedded server's SQLite file lives in PREFECT_HOME; Prefect does not create it.
+    Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")).expanduser().mkdir(parents=True, exist_ok=True)
     from flows.finetune import finetune
 
     results = finetune(cfg, workdir=args.workdir)

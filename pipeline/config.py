@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import json
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -189,6 +189,31 @@ def _unknown_key_message(key: str) -> str:
     return f"unknown config key '{key}'{hint}"
 
 
+_YAML_NULLS = {"null", "Null", "NULL", "~"}
+
+
+def _parse_value(key: str, text: str, annotation: Any) -> Any:
+    """Parse an override value as YAML, except that a text field keeps the text as typed.
+
+    Plain YAML would turn `registry.version=2` into the int 2, `registry.version=2024-05-01`
+    into a date, a template starting with `#` into None (a comment) and `data.source=*.csv`
+    into a parse error (an alias); all four are meant as strings.
+    """
+    text = text.strip()
+    if not text:
+        return None
+    takes_text = annotation is str or str in get_args(annotation)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        if takes_text:
+            return text
+        raise ConfigError(f"config key '{key}': cannot parse {text!r} ({getattr(e, 'problem', None) or e})") from None
+    if takes_text and not isinstance(value, (str, list, dict)) and text not in _YAML_NULLS:
+        return text
+    return value
+
+
 def apply_override(raw: dict[str, Any], override: str) -> None:
     """Apply one `dotted.key=value` override in place; the value is parsed as YAML (so 3, 0.5, true, [a, b] work)."""
     if "=" not in override:
@@ -204,7 +229,7 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         annotation = model.model_fields[part].annotation
         last = depth == len(parts) - 1
         if last:
-            node[part] = yaml.safe_load(text) if text.strip() else None
+            node[part] = _parse_value(key, text, annotation)
         else:
             if not (isinstance(annotation, type) and issubclass(annotation, Section)):
                 raise ConfigError(_unknown_key_message(key))

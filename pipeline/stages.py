@@ -28,6 +28,10 @@ class Stage:
     parents: tuple[str, ...] = ()
     code: tuple[str, ...] = ()
     """Further modules whose source is part of this stage's code version."""
+    has_content: bool = False
+    """The module has `content_fingerprint(*sections)`: bytes read from outside the pipeline."""
+    has_external_output: bool = False
+    """The module has `still_valid(artifact)`: its output also lives outside the workdir (the registry)."""
 
     def load(self):
         return importlib.import_module(self.module)
@@ -36,10 +40,10 @@ class Stage:
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
-        Stage("ingest", "pipeline.ingest", ("data",)),
+        Stage("ingest", "pipeline.ingest", ("data",), has_content=True),
         Stage("sample", "pipeline.sample", ("sample",), ("ingest",)),
         Stage("preprocess", "pipeline.preprocess", ("preprocess", "data"), ("sample",)),
-        Stage("tokenize", "pipeline.tokenize", ("tokenize", "model"), ("preprocess",), ("pipeline.text_tokenizer",)),
+        Stage("tokenize", "pipeline.tokenize", ("tokenize", "model"), ("preprocess",), ("pipeline.text_tokenizer",), has_content=True),
         Stage(
             "train",
             "pipeline.launch",
@@ -48,7 +52,7 @@ STAGES: dict[str, Stage] = {
             ("pipeline.train", "pipeline.modeling", "pipeline.checkpoint", "pipeline.distributed", "pipeline.data_loader"),
         ),
         Stage("evaluate", "pipeline.evaluate", ("evaluate", "model"), ("preprocess", "tokenize", "train"), ("pipeline.data_loader",)),
-        Stage("publish", "pipeline.publish", ("registry", "evaluate"), ("tokenize", "train", "evaluate")),
+        Stage("publish", "pipeline.publish", ("registry", "evaluate"), ("tokenize", "train", "evaluate"), has_external_output=True),
     ]
 }
 ORDER = list(STAGES)
@@ -84,12 +88,9 @@ def _sections(stage: Stage, cfg: PipelineConfig) -> list[Any]:
 
 def compute_fingerprint(name: str, cfg: PipelineConfig, parents: dict[str, Artifact]) -> str:
     stage = STAGES[name]
-    module = stage.load()
     sections = _sections(stage, cfg)
-    content = module.content_fingerprint(*sections) if hasattr(module, "content_fingerprint") else None
-    code = artifacts.code_version(
-        [module, artifacts, *(importlib.import_module(m) for m in stage.code)]
-    )
+    content = _content(stage, sections)
+    code = artifacts.code_version([stage.module, "pipeline.artifacts", *stage.code])
     return artifacts.fingerprint(
         name,
         {s: section.fingerprint_dict() for s, section in zip(stage.sections, sections)},
@@ -97,6 +98,13 @@ def compute_fingerprint(name: str, cfg: PipelineConfig, parents: dict[str, Artif
         code,
         content,
     )
+
+
+def _content(stage: Stage, sections: list[Any]) -> Any:
+    """Hashes of what the stage reads from outside the pipeline (data files, tokenizer files)."""
+    if not stage.has_content:
+        return None
+    return stage.load().content_fingerprint(*sections)
 
 
 def scratch_dir(workdir: str, name: str, fp: str) -> Path:
@@ -119,14 +127,14 @@ def materialize(
     out = StageOutput(workdir, name, fp)
     start = time.perf_counter()
     done = out.committed()
-    if done is not None and _still_valid(stage, done):
+    if done is not None and still_valid(stage, done):
         return StageResult(name, "cached", fp, time.perf_counter() - start, done.url, done.stats)
     if out.clear_uncommitted():
         log(f"[{name}] removed an uncommitted partial output at {out.url}")
     path = out.prepare()
     module = stage.load()
     inputs = {p: parents[p].local_path() for p in stage.parents}
-    content = module.content_fingerprint(*_sections(stage, cfg)) if hasattr(module, "content_fingerprint") else None
+    content = _content(stage, _sections(stage, cfg))
     stats = module.run(*_sections(stage, cfg), inputs=inputs, out=path, scratch=scratch_dir(workdir, name, fp))
     record = {
         "content": content,
@@ -138,10 +146,9 @@ def materialize(
     return StageResult(name, status, fp, time.perf_counter() - start, artifact.url, stats)
 
 
-def _still_valid(stage: Stage, done: Artifact) -> bool:
-    module = stage.load()
-    check = getattr(module, "still_valid", None)
-    return check(done) if check else True
+def still_valid(stage: Stage, done: Artifact) -> bool:
+    """A committed output is reusable unless part of it lives elsewhere and has gone missing."""
+    return stage.load().still_valid(done) if stage.has_external_output else True
 
 
 def run_stages(

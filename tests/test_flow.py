@@ -1,0 +1,82 @@
+"""The Prefect flow end to end on one shared ephemeral server (prefect_test_harness)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from tiny import QUICKSTART, REPO, published_weights, tiny_overrides
+
+from pipeline import artifacts
+from pipeline.config import load_config
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def statuses(results) -> dict[str, str]:
+    return {r.name: r.status for r in results}
+
+
+def test_flow_runs_caches_and_republishes_a_deleted_version(prefect_server, tmp_path, monkeypatch):
+    from flows.finetune import finetune
+
+    monkeypatch.chdir(REPO)
+    registry = tmp_path / "registry"
+    cfg = load_config(QUICKSTART, tiny_overrides(registry, **{"train.max_steps": 8}))
+    workdir = str(tmp_path / "runs")
+
+    first = finetune(cfg, workdir=workdir)
+    assert statuses(first) == {name: "ran" for name in statuses(first)}
+    assert list(statuses(first)) == ["ingest", "sample", "preprocess", "tokenize", "train", "evaluate", "publish"]
+    version_url = first[-1].stats["url"]
+    assert artifacts.verify(version_url) == []
+    weights = published_weights(registry).read_bytes()
+
+    second = finetune(cfg, workdir=workdir)
+    assert set(statuses(second).values()) == {"cached"}
+    assert [r.fingerprint for r in second] == [r.fingerprint for r in first]
+
+    # A cache hit is honoured only while the committed output exists.
+    shutil.rmtree(version_url)
+    third = finetune(cfg, workdir=workdir)
+    assert statuses(third)["publish"] == "ran" and statuses(third)["train"] == "cached"
+    assert published_weights(registry).read_bytes() == weights
+
+    # Changing a training setting reuses every data stage and retrains.
+    changed = finetune(load_config(QUICKSTART, tiny_overrides(registry, **{"train.max_steps": 8, "train.lr": 5e-4})), workdir=workdir)
+    status = statuses(changed)
+    assert [status[s] for s in ("ingest", "sample", "preprocess", "tokenize")] == ["cached"] * 4
+    assert status["train"] == "ran" and status["publish"] == "ran"
+
+
+def test_cli_run_writes_summary_json_as_last_line(prefect_server, tmp_path, monkeypatch, capsys):
+    from pipeline import cli
+
+    monkeypatch.chdir(REPO)
+    registry = tmp_path / "registry"
+    args = ["run", str(QUICKSTART), "--workdir", str(tmp_path / "runs")]
+    for override in tiny_overrides(registry, **{"train.max_steps": 4}):
+        args += ["--set", override]
+    assert cli.main(args) == 0
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    summary = json.loads(Path(last_line).read_text())
+    assert [s["name"] for s in summary["stages"]][-1] == "publish"
+    assert {s["status"] for s in summary["stages"]} == {"ran"}
+    assert set(summary["stages"][0]) == {"name", "status", "fingerprint", "seconds", "output", "stats"}
+    assert summary["registry_version"] and artifacts.verify(summary["registry_version"]) == []
+    ingest = summary["stages"][0]["stats"]
+    assert ingest["rows_in"] == ingest["rows_out"] + ingest["rows_rejected"] == 3000
