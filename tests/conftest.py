@@ -1,0 +1,103 @@
+"""Shared fixtures. S3 tests run against a real `moto_server` subprocess on a free port.
+
+    python -m pytest -q -m integration      # the S3 tests (and the rest of the integration tier)
+
+The server is configured only through the standard AWS environment variables, exactly as a
+user's shell would configure a real bucket, so the code under test gets no test-only settings.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+_STARTUP_SECONDS = 30
+# werkzeug prints the port it actually bound, which is how `-p 0` tells us the free port.
+_LISTENING = re.compile(r"Running on (http://127\.0\.0\.1:\d+)")
+
+
+def _moto_command() -> list[str]:
+    binary = Path(sys.executable).parent / "moto_server"
+    command = [str(binary)] if binary.exists() else [sys.executable, "-m", "moto.server"]
+    return [*command, "-H", "127.0.0.1", "-p", "0"]
+
+
+def _wait_until_answering(process: subprocess.Popen, log: Path) -> str:
+    deadline = time.monotonic() + _STARTUP_SECONDS
+    endpoint = None
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"moto_server exited with {process.returncode}:\n{log.read_text(errors='replace')}")
+        if endpoint is None:
+            match = _LISTENING.search(log.read_text(errors="replace"))
+            endpoint = match.group(1) if match else None
+        if endpoint is not None:
+            try:
+                urllib.request.urlopen(endpoint + "/moto-api/", timeout=2).close()
+                return endpoint
+            except urllib.error.HTTPError:  # any HTTP answer means it is serving
+                return endpoint
+            except OSError:
+                pass
+        time.sleep(0.1)
+    raise RuntimeError(f"moto_server did not answer within {_STARTUP_SECONDS}s:\n{log.read_text(errors='replace')}")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """URL of a moto S3 server that every s3fs/botocore client in this process talks to."""
+    s3fs = pytest.importorskip("s3fs")
+    fsspec = pytest.importorskip("fsspec")
+    log = tmp_path_factory.mktemp("moto") / "moto_server.log"
+    # Output goes to a file, not a pipe: the server logs every request, and a pipe nobody
+    # drains fills up and blocks it mid-test.
+    with log.open("wb") as stream:
+        process = subprocess.Popen(_moto_command(), stdout=stream, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        endpoint = _wait_until_answering(process, log)
+        with pytest.MonkeyPatch.context() as mp:
+            # Nothing from the developer's own AWS setup may point these tests at a real account.
+            for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_S3_ENDPOINT"):
+                mp.delenv(key, raising=False)
+            missing = str(log.parent / "no-such-aws-file")
+            mp.setenv("AWS_CONFIG_FILE", missing)
+            mp.setenv("AWS_SHARED_CREDENTIALS_FILE", missing)
+            mp.setenv("AWS_ENDPOINT_URL", endpoint)  # botocore >= 1.31 reads it; s3fs passes it through
+            mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+            mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+            mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+            mp.delitem(fsspec.config.conf, "s3", raising=False)
+            # s3fs caches instances (and their clients) by arguments: one made before the
+            # variables were set would still point at AWS.
+            s3fs.S3FileSystem.clear_instance_cache()
+            try:
+                yield endpoint
+            finally:
+                s3fs.S3FileSystem.clear_instance_cache()
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A new, empty bucket on the moto server; its name (no s3:// prefix)."""
+    import s3fs
+
+    name = f"tunepipe-test-{uuid.uuid4().hex[:12]}"
+    fs = s3fs.S3FileSystem()
+    fs.mkdir(name)
+    fs.invalidate_cache()
+    yield name

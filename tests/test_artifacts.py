@@ -1,0 +1,263 @@
+"""Stage outputs: the commit protocol, verification, fingerprints; locally, in memory:// and on S3."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import sys
+import uuid
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from pipeline import artifacts, stages
+from pipeline.artifacts import MANIFEST, Artifact, StageOutput
+from pipeline.config import build_config
+
+FILES = {"a.txt": b"alpha\n", "sub/b.bin": bytes(range(256)), "sub/deeper/c.json": b'{"c": 3}'}
+
+
+def write_files(folder: Path, files: dict[str, bytes] = FILES) -> None:
+    for rel, data in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+
+
+def commit_local(root: Path, fp: str = "fp1") -> Artifact:
+    out = StageOutput(str(root), "demo", fp)
+    write_files(out.prepare())
+    return out.commit({"rows": 3}, {"config": {"demo": {"x": 1}}, "parents": {}})
+
+
+def tiny_ingest_config(tmp_path: Path, rows: int = 5):
+    source = tmp_path / "tiny.csv"
+    source.write_text("prompt,response\n" + "".join(f"q{i},a{i}\n" for i in range(rows)))
+    return build_config({"data": {"source": str(source)}})
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+# ---------------------------------------------------------------- commit and verify
+
+
+def test_commit_writes_a_manifest_with_every_sha256_and_the_stats(tmp_path):
+    artifact = commit_local(tmp_path)
+
+    folder = tmp_path / "demo" / "fp1"
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert artifact == Artifact("demo", "fp1", str(folder), {"rows": 3})
+    assert manifest["files"] == {
+        rel: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for rel, data in FILES.items()
+    }
+    assert (manifest["stage"], manifest["fingerprint"], manifest["stats"]) == ("demo", "fp1", {"rows": 3})
+    assert manifest["config"] == {"demo": {"x": 1}}
+    assert not (folder / (MANIFEST + ".tmp")).exists()
+    assert artifacts.load_committed(str(folder)) == artifact
+
+
+def test_a_nested_file_named_like_the_manifest_is_content(tmp_path):
+    out = StageOutput(str(tmp_path), "demo", "fp1")
+    write_files(out.prepare(), {"model/manifest.json": b"{}", "a.txt": b"a"})
+    artifact = out.commit({}, {})
+
+    assert set(json.loads((Path(artifact.url) / MANIFEST).read_text())["files"]) == {"a.txt", "model/manifest.json"}
+    (Path(artifact.url) / "model" / "manifest.json").write_bytes(b"{ }")
+    assert artifacts.verify(artifact.url) == ["model/manifest.json: sha256 mismatch"]
+
+
+def test_verify_a_good_folder(tmp_path):
+    assert artifacts.verify(commit_local(tmp_path).url) == []
+
+
+def test_verify_names_a_modified_byte(tmp_path):
+    folder = Path(commit_local(tmp_path).url)
+    data = bytearray(FILES["sub/b.bin"])
+    data[100] ^= 1
+    (folder / "sub" / "b.bin").write_bytes(bytes(data))
+    assert artifacts.verify(str(folder)) == ["sub/b.bin: sha256 mismatch"]
+
+
+def test_verify_names_a_missing_file(tmp_path):
+    folder = Path(commit_local(tmp_path).url)
+    (folder / "sub" / "deeper" / "c.json").unlink()
+    assert artifacts.verify(str(folder)) == ["sub/deeper/c.json: missing"]
+
+
+def test_verify_names_an_extra_file(tmp_path):
+    folder = Path(commit_local(tmp_path).url)
+    (folder / "sub" / "stray.txt").write_text("not committed")
+    assert artifacts.verify(str(folder)) == ["sub/stray.txt: not in manifest"]
+
+
+def test_verify_and_load_refuse_an_uncommitted_folder(tmp_path):
+    out = StageOutput(str(tmp_path), "demo", "fp1")
+    write_files(out.prepare())
+
+    assert artifacts.load_committed(out.url) is None
+    assert out.committed() is None
+    [problem] = artifacts.verify(out.url)
+    assert "not committed" in problem
+
+
+def test_prepare_clears_an_interrupted_write(tmp_path):
+    out = StageOutput(str(tmp_path), "demo", "fp1")
+    write_files(out.prepare())
+    assert StageOutput(str(tmp_path), "demo", "fp1").prepare() == Path(out.url)
+    assert list(Path(out.url).iterdir()) == []
+
+
+def test_materialize_replaces_an_uncommitted_folder(tmp_path):
+    cfg = tiny_ingest_config(tmp_path)
+    workdir = tmp_path / "runs"
+    fp = stages.compute_fingerprint("ingest", cfg, {})
+    leftover = workdir / "ingest" / fp
+    leftover.mkdir(parents=True)
+    (leftover / "junk").write_text("half-written by a crashed run")
+    messages = []
+
+    result = stages.materialize("ingest", cfg, {}, str(workdir), log=messages.append)
+
+    assert (result.status, result.fingerprint, Path(result.output)) == ("ran", fp, leftover)
+    assert not (leftover / "junk").exists()
+    assert set(json.loads((leftover / MANIFEST).read_text())["files"]) == {"rejects.jsonl", "shards/part-00000.parquet"}
+    assert artifacts.verify(str(leftover)) == []
+    assert result.stats["rows_out"] == 5
+    assert any("uncommitted" in m for m in messages)
+
+
+def test_remote_commit_uploads_manifest_last_and_leaves_no_staging(tmp_path, monkeypatch):
+    """memory:// stands in for an object store: no rename, so the manifest must come last."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    root = f"memory://tunepipe-{uuid.uuid4().hex}/work"
+    fs = fsspec.filesystem("memory")
+    order = []
+    put_file, pipe_file = fs.put_file, fs.pipe_file
+    monkeypatch.setattr(fs, "put_file", lambda lpath, rpath, **kw: order.append(rpath) or put_file(lpath, rpath, **kw))
+    monkeypatch.setattr(fs, "pipe_file", lambda path, value, **kw: order.append(path) or pipe_file(path, value, **kw))
+
+    assert StageOutput(root, "demo", "fp1").committed() is None
+    assert list((tmp_path / "tmp").iterdir()) == []  # checking for a cached output stages nothing
+    out = StageOutput(root, "demo", "fp1")
+    write_files(out.prepare())
+    artifact = out.commit({"rows": 3}, {})
+
+    assert [p.rsplit("/fp1/", 1)[1] for p in order] == [*sorted(FILES), MANIFEST]
+    assert artifacts.verify(artifact.url) == []
+    assert list((tmp_path / "tmp").iterdir()) == []  # the staging folder is gone after the upload
+
+
+# ---------------------------------------------------------------- fingerprints
+
+
+def test_fingerprint_follows_config_parents_code_and_content():
+    base = artifacts.fingerprint("sample", {"sample": {"seed": 0}}, {"ingest": "aaa"}, "code1", None)
+    assert base == artifacts.fingerprint("sample", {"sample": {"seed": 0}}, {"ingest": "aaa"}, "code1", None)
+    variants = [
+        artifacts.fingerprint("sample", {"sample": {"seed": 1}}, {"ingest": "aaa"}, "code1", None),
+        artifacts.fingerprint("sample", {"sample": {"seed": 0}}, {"ingest": "aab"}, "code1", None),
+        artifacts.fingerprint("sample", {"sample": {"seed": 0}}, {"ingest": "aaa"}, "code2", None),
+        artifacts.fingerprint("sample", {"sample": {"seed": 0}}, {"ingest": "aaa"}, "code1", [{"sha256": "x"}]),
+        artifacts.fingerprint("preprocess", {"sample": {"seed": 0}}, {"ingest": "aaa"}, "code1", None),
+    ]
+    assert len({base, *variants}) == 6
+
+
+def test_stage_fingerprint_follows_config_parent_and_data(tmp_path):
+    cfg = tiny_ingest_config(tmp_path)
+    ingest_fp = stages.compute_fingerprint("ingest", cfg, {})
+    assert stages.compute_fingerprint("ingest", cfg, {}) == ingest_fp
+    assert stages.compute_fingerprint("ingest", build_config({"data": {**cfg.data.model_dump(), "shard_rows": 2}}), {}) != ingest_fp
+    (tmp_path / "tiny.csv").write_text((tmp_path / "tiny.csv").read_text().replace("q0", "Q0"))  # same size
+    assert stages.compute_fingerprint("ingest", cfg, {}) != ingest_fp
+
+    parent = {"ingest": Artifact("ingest", "aaa", "/x")}
+    sample_fp = stages.compute_fingerprint("sample", cfg, parent)
+    assert stages.compute_fingerprint("sample", cfg, {"ingest": Artifact("ingest", "aab", "/x")}) != sample_fp
+    assert stages.compute_fingerprint("sample", build_config({}, ["sample.seed=1"]), parent) != sample_fp
+    assert stages.compute_fingerprint("sample", build_config({}, ["data.shard_rows=2"]), parent) == sample_fp  # not its section
+
+
+def test_code_version_follows_the_source(tmp_path, monkeypatch):
+    suffix = uuid.uuid4().hex[:8]
+    first, second = f"tp_mod_a_{suffix}", f"tp_mod_b_{suffix}"
+    (tmp_path / f"{first}.py").write_text("X = 1\n")
+    (tmp_path / f"{second}.py").write_text("Y = 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+
+    before = artifacts.code_version([first, second])
+    assert artifacts.code_version([first, second]) == before
+    assert artifacts.code_version([first]) != before
+    (tmp_path / f"{second}.py").write_text("Y = 3\n")
+    assert artifacts.code_version([first, second]) != before
+    assert first not in sys.modules  # found, not imported
+    with pytest.raises(artifacts.ArtifactError, match="no_such_module"):
+        artifacts.code_version([f"no_such_module_{suffix}"])
+
+
+# ---------------------------------------------------------------- S3
+
+
+@pytest.mark.integration
+def test_s3_commit_verify_and_download(tmp_path, s3_bucket, monkeypatch):
+    monkeypatch.setenv("TUNEPIPE_CACHE", str(tmp_path / "cache"))
+    root = f"s3://{s3_bucket}/work"
+    out = StageOutput(root, "demo", "fp1")
+    assert out.committed() is None
+    write_files(out.prepare())
+    artifact = out.commit({"rows": 3}, {})
+
+    assert artifact.url == f"s3://{s3_bucket}/work/demo/fp1"
+    assert artifacts.verify(artifact.url) == []
+    assert artifacts.load_committed(artifact.url) == artifact
+    local = artifact.local_path()
+    assert local == tmp_path / "cache" / "artifacts" / "demo" / "fp1"
+    assert {rel: (local / rel).read_bytes() for rel in FILES} == FILES
+    assert artifacts.verify(str(local)) == []
+
+    fs = fsspec.filesystem("s3")
+    fs.pipe_file(f"{s3_bucket}/work/demo/fp1/a.txt", b"alphA\n")
+    fs.rm_file(f"{s3_bucket}/work/demo/fp1/sub/deeper/c.json")
+    fs.pipe_file(f"{s3_bucket}/work/demo/fp1/extra.txt", b"x")
+    assert artifacts.verify(artifact.url) == ["a.txt: sha256 mismatch", "sub/deeper/c.json: missing", "extra.txt: not in manifest"]
+    assert artifact.local_path() == local  # the verified download is reused
+    assert (local / "a.txt").read_bytes() == b"alpha\n"
+
+
+@pytest.mark.integration
+def test_s3_download_refuses_a_corrupt_file(tmp_path, s3_bucket, monkeypatch):
+    monkeypatch.setenv("TUNEPIPE_CACHE", str(tmp_path / "cache"))
+    out = StageOutput(f"s3://{s3_bucket}/work", "demo", "fp1")
+    write_files(out.prepare())
+    artifact = out.commit({}, {})
+    fsspec.filesystem("s3").pipe_file(f"{s3_bucket}/work/demo/fp1/sub/b.bin", b"corrupt")
+
+    with pytest.raises(artifacts.ArtifactError, match="sub/b.bin: sha256 does not match"):
+        artifact.local_path()
+    assert not (tmp_path / "cache" / "artifacts" / "demo" / "fp1" / MANIFEST).exists()
+
+
+@pytest.mark.integration
+def test_s3_workdir_gives_the_same_bytes_as_a_local_one(tmp_path, s3_bucket):
+    cfg = tiny_ingest_config(tmp_path, rows=50)
+    local = stages.materialize("ingest", cfg, {}, str(tmp_path / "runs"), log=quiet)
+    remote = stages.materialize("ingest", cfg, {}, f"s3://{s3_bucket}/work", log=quiet)
+
+    assert remote.status == "ran" and remote.fingerprint == local.fingerprint
+    assert remote.output == f"s3://{s3_bucket}/work/ingest/{local.fingerprint}"
+    assert artifacts.verify(remote.output) == []
+    fs = fsspec.filesystem("s3")
+    shard = "shards/part-00000.parquet"
+    assert fs.cat_file(f"{remote.output}/{shard}") == (Path(local.output) / shard).read_bytes()
+    assert fs.cat_file(f"{remote.output}/rejects.jsonl") == (Path(local.output) / "rejects.jsonl").read_bytes()
+    assert remote.stats == local.stats and remote.stats["rows_out"] == 50
+
+    again = stages.materialize("ingest", cfg, {}, f"s3://{s3_bucket}/work", log=quiet)
+    assert (again.status, again.fingerprint) == ("cached", local.fingerprint)

@@ -1,0 +1,97 @@
+"""Project layout rules: stages never import Prefect, shipped DeepSpeed configs parse, the CLI starts."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PIPELINE_SOURCES = sorted((ROOT / "pipeline").rglob("*.py"))
+DEEPSPEED_CONFIGS = sorted((ROOT / "deepspeed_configs").glob("*.json"))
+IMPORTS_PREFECT = re.compile(r"^\s*(import|from)\s+prefect\b", re.MULTILINE)
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_pipeline_source_imports_prefect():
+    assert len(PIPELINE_SOURCES) >= 10
+    offenders = [p.relative_to(ROOT).as_posix() for p in PIPELINE_SOURCES if IMPORTS_PREFECT.search(p.read_text())]
+    assert offenders == []
+
+
+def test_the_prefect_pattern_catches_both_spellings():
+    assert IMPORTS_PREFECT.search("x = 1\n    from prefect import flow\n")
+    assert IMPORTS_PREFECT.search("import prefect.logging\n")
+    assert not IMPORTS_PREFECT.search("import prefectish\n# prefect is for flows/\n")
+
+
+def test_importing_every_pipeline_module_leaves_prefect_unloaded():
+    # A fresh interpreter: in this one, another test may have imported Prefect already.
+    names = [module_name(p) for p in PIPELINE_SOURCES]
+    code = (
+        "import importlib, json, sys\n"
+        f"for name in {names!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m == 'prefect' or m.startswith('prefect.'))))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+    assert "pipeline.cli" in names and "pipeline.stages" in names
+
+
+def test_there_are_deepspeed_configs():
+    assert {p.name for p in DEEPSPEED_CONFIGS} >= {"zero1.json", "zero2.json", "zero3.json", "zero3_offload.json"}
+
+
+@pytest.mark.parametrize("path", DEEPSPEED_CONFIGS, ids=lambda p: p.name)
+def test_deepspeed_config_parses(path):
+    config = json.loads(path.read_text())
+    stage = config["zero_optimization"]["stage"]
+    assert stage in (0, 1, 2, 3)
+    if path.stem.startswith("zero") and path.stem[4:5].isdigit():
+        assert stage == int(path.stem[4])
+    # Batch fields are filled from the train config, never duplicated (see deepspeed_configs/README.md).
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+        assert config[key] == "auto", key
+    assert config["bf16"] == {"enabled": "auto"}
+    assert "train_batch_size" not in config and "optimizer" not in config and "scheduler" not in config
+
+
+@pytest.mark.parametrize("path", DEEPSPEED_CONFIGS, ids=lambda p: p.name)
+def test_deepspeed_accepts_the_config_once_filled(path):
+    """What the trainer will do: replace every "auto" from the train config, then hand it to DeepSpeed."""
+    DeepSpeedConfig = pytest.importorskip("deepspeed.runtime.config").DeepSpeedConfig
+    config = json.loads(path.read_text())
+    config.update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2, gradient_clipping=0.5, bf16={"enabled": False})
+
+    parsed = DeepSpeedConfig(config)
+
+    assert (parsed.train_micro_batch_size_per_gpu, parsed.gradient_accumulation_steps) == (4, 2)
+    assert parsed.train_batch_size == 8  # derived: micro x accumulation x world size 1
+    assert parsed.gradient_clipping == 0.5
+    assert parsed.zero_optimization_stage == config["zero_optimization"]["stage"]
+
+
+def test_offload_config_offloads_optimizer_and_params_to_cpu():
+    zero = json.loads((ROOT / "deepspeed_configs" / "zero3_offload.json").read_text())["zero_optimization"]
+    for key in ("offload_optimizer", "offload_param"):
+        assert zero[key] == {"device": "cpu", "pin_memory": True}, key
+
+
+def test_cli_help_lists_the_commands():
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: tunepipe")
+    for command in ("run", "stage", "registry"):
+        assert re.search(rf"^\s+{command}\s", done.stdout, re.MULTILINE), command

@@ -1,0 +1,136 @@
+"""The model registry: immutable, verified versions, in a local folder and on S3."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from pipeline import artifacts, registry
+from pipeline.artifacts import MANIFEST
+from pipeline.registry import RegistryError
+
+BUNDLE = {
+    "model/model.safetensors": bytes(range(256)) * 8,
+    "model/config.json": b'{"n_layer": 2}',
+    "tokenizer/tokenizer.json": b'{"vocab": {}}',
+    "metrics.json": b'{"perplexity": 12.5}',
+}
+SOURCE = {"tokenize": "t1", "train": "r1", "evaluate": "e1"}
+
+
+def make_bundle(folder: Path, files: dict[str, bytes] = BUNDLE) -> Path:
+    for rel, data in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    return folder
+
+
+def read_tree(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, bytes]:
+    root = root.rstrip("/")
+    return {p[len(root) + 1 :]: fs.cat_file(p) for p in fs.find(root)}
+
+
+def _publish_and_pull(tmp_path: Path, reg: str) -> None:
+    url, written = registry.publish_version(make_bundle(tmp_path / "bundle"), reg, "demo", "v1", SOURCE)
+
+    assert (url, written) == (registry.version_url(reg, "demo", "v1"), True)
+    manifest = artifacts.read_json(artifacts.join(url, MANIFEST))
+    assert manifest["files"] == {
+        rel: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for rel, data in BUNDLE.items()
+    }
+    assert (manifest["model_name"], manifest["version"], manifest["source"]) == ("demo", "v1", SOURCE)
+    assert artifacts.verify(url) == []
+
+    [row] = registry.list_versions(reg)
+    assert (row["model"], row["version"], row["files"], row["perplexity"]) == ("demo", "v1", 4, 12.5)
+    assert row["bytes"] == sum(len(d) for d in BUNDLE.values())
+    assert row["url"] == url
+
+    dest = registry.pull_version(reg, "demo", "v1", tmp_path / "pulled")
+    assert dest == tmp_path / "pulled"
+    pulled = {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    fs, path = artifacts.filesystem(url)
+    assert pulled.pop(MANIFEST) == fs.cat_file(artifacts.join(path, MANIFEST))
+    assert pulled == BUNDLE
+
+
+def _immutability(tmp_path: Path, reg: str) -> None:
+    bundle = make_bundle(tmp_path / "bundle")
+    url, _ = registry.publish_version(bundle, reg, "demo", "v1", SOURCE)
+    fs, path = artifacts.filesystem(url)
+    before = read_tree(fs, path)
+
+    # The same source again: nothing to do, nothing rewritten.
+    assert registry.publish_version(bundle, reg, "demo", "v1", dict(SOURCE)) == (url, False)
+    assert read_tree(fs, path) == before
+
+    # Different content under the same label: refused, and the version keeps its bytes.
+    other = make_bundle(tmp_path / "other", {**BUNDLE, "model/model.safetensors": b"different weights"})
+    with pytest.raises(RegistryError, match=r"demo version v1 already exists.*immutable"):
+        registry.publish_version(other, reg, "demo", "v1", {**SOURCE, "train": "r2"})
+    assert read_tree(fs, path) == before
+    assert artifacts.verify(url) == []
+
+    # A new label is fine.
+    url2, written = registry.publish_version(other, reg, "demo", "v2", {**SOURCE, "train": "r2"})
+    assert written and [r["version"] for r in registry.list_versions(reg)] == ["v1", "v2"]
+    assert fs.cat_file(artifacts.filesystem(url2)[1] + "/model/model.safetensors") == b"different weights"
+
+
+def _interrupted_publish_is_replaced(tmp_path: Path, reg: str) -> None:
+    url = registry.version_url(reg, "demo", "v1")
+    fs, path = artifacts.filesystem(url)
+    fs.makedirs(path, exist_ok=True)
+    fs.pipe_file(artifacts.join(path, "half-written.bin"), b"from a crashed publish")
+    assert registry.list_versions(reg) == []  # not committed, so not listed
+
+    assert registry.publish_version(make_bundle(tmp_path / "bundle"), reg, "demo", "v1", SOURCE) == (url, True)
+    assert sorted(read_tree(fs, path)) == sorted([*BUNDLE, MANIFEST])
+    assert artifacts.verify(url) == []
+
+
+def _tampering_is_caught(tmp_path: Path, reg: str) -> None:
+    url, _ = registry.publish_version(make_bundle(tmp_path / "bundle"), reg, "demo", "v1", SOURCE)
+    fs, path = artifacts.filesystem(url)
+    fs.pipe_file(artifacts.join(path, "metrics.json"), b'{"perplexity": 1.0}')
+
+    assert artifacts.verify(url) == ["metrics.json: sha256 mismatch"]
+    with pytest.raises(RegistryError, match="metrics.json: sha256 mismatch"):
+        registry.pull_version(reg, "demo", "v1", tmp_path / "pulled")
+    assert not (tmp_path / "pulled").exists()
+
+
+SCENARIOS = [_publish_and_pull, _immutability, _interrupted_publish_is_replaced, _tampering_is_caught]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda f: f.__name__.strip("_"))
+def test_local_registry(scenario, tmp_path):
+    scenario(tmp_path, str(tmp_path / "registry"))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda f: f.__name__.strip("_"))
+def test_s3_registry(scenario, tmp_path, s3_bucket):
+    scenario(tmp_path, f"s3://{s3_bucket}/registry")
+
+
+def test_listing_an_absent_registry_is_empty(tmp_path):
+    assert registry.list_versions(str(tmp_path / "nothing")) == []
+
+
+def test_pull_replaces_an_existing_destination(tmp_path):
+    reg = str(tmp_path / "registry")
+    registry.publish_version(make_bundle(tmp_path / "bundle"), reg, "demo", "v1", SOURCE)
+    dest = tmp_path / "pulled"
+    (dest / "model").mkdir(parents=True)
+    (dest / "model" / "stale.bin").write_bytes(b"old")
+
+    registry.pull_version(reg, "demo", "v1", dest)
+
+    assert not (dest / "model" / "stale.bin").exists()
+    assert artifacts.verify(str(dest)) == []
+    assert json.loads((dest / MANIFEST).read_text())["version"] == "v1"
