@@ -59,7 +59,9 @@ def run(cfg: EvaluateConfig, model_cfg: ModelConfig, *, inputs: dict[str, Path],
     tokenizer = AutoTokenizer.from_pretrained(trained / "tokenizer")
     model = AutoModelForCausalLM.from_pretrained(trained / "model")
     loss, tokens = perplexity(model, PackedBlocks(inputs["tokenize"] / "validation"), cfg.max_batches)
-    ppl = math.exp(min(loss, 50.0))
+    # No validation tokens (sample.validation_fraction: 0) means no measurement, not a perfect score.
+    ppl = math.exp(min(loss, 50.0)) if tokens else None
+    loss = loss if tokens else None
 
     base = None
     if model_cfg.init == "pretrained" and cfg.num_generations:
@@ -72,7 +74,7 @@ def run(cfg: EvaluateConfig, model_cfg: ModelConfig, *, inputs: dict[str, Path],
             sample["base"] = generate(base, tokenizer, row["prompt"], cfg.max_new_tokens)
         generations.append(sample)
 
-    passed = cfg.max_perplexity is None or ppl <= cfg.max_perplexity
+    passed = cfg.max_perplexity is None or (ppl is not None and ppl <= cfg.max_perplexity)
     metrics = {
         "perplexity": ppl,
         "eval_loss": loss,
@@ -81,4 +83,5 @@ def run(cfg: EvaluateConfig, model_cfg: ModelConfig, *, inputs: dict[str, Path],
         "generations": generations,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
-    return {"perplexity": round(ppl, 4), "eval_loss": round(loss, 5), "eval_tokens": tokens, "gate_passed": passed}
+    rounded = lambda x, n: None if x is None else round(x, n)  # noqa: E731
+    return {"perplexity": rounded(ppl, 4), "eval_loss": rounded(loss, 5), "eval_tokens": tokens, "gate_passed": passed}

@@ -45,9 +45,9 @@ def lineage(start: list[Path]) -> dict[str, dict[str, Any]]:
 
 def run(registry: RegistryConfig, evaluate: EvaluateConfig, *, inputs: dict[str, Path], out: Path, scratch: Path) -> dict:
     metrics = json.loads((inputs["evaluate"] / "metrics.json").read_text())
-    if evaluate.max_perplexity is not None and metrics["perplexity"] > evaluate.max_perplexity:
+    if not metrics["gate"]["passed"]:
         raise GateFailed(
-            f"evaluation gate: perplexity {metrics['perplexity']:.3f} > evaluate.max_perplexity "
+            f"evaluation gate: perplexity {metrics['perplexity']} is not <= evaluate.max_perplexity "
             f"{evaluate.max_perplexity}; not publishing"
         )
     stages = lineage([inputs["evaluate"], inputs["train"]])

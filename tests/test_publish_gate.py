@@ -1,0 +1,26 @@
+"""The evaluation gate: a model that misses `evaluate.max_perplexity` is never published."""
+
+from __future__ import annotations
+
+import pytest
+from tiny import QUICKSTART, REPO, tiny_overrides
+
+from pipeline import stages
+from pipeline.config import load_config
+from pipeline.publish import GateFailed
+
+pytestmark = pytest.mark.integration
+
+
+def test_gate_refuses_to_publish_and_keeps_the_evaluation(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    registry = tmp_path / "registry"
+    cfg = load_config(QUICKSTART, tiny_overrides(registry, **{"train.max_steps": 2, "evaluate.max_perplexity": 1.0001}))
+    with pytest.raises(GateFailed, match="max_perplexity"):
+        stages.run_stages(cfg, str(tmp_path / "runs"), log=lambda _: None)
+    assert not registry.exists() or not any(registry.rglob("manifest.json"))
+    # Everything before publish is committed, so loosening the gate only re-evaluates and publishes.
+    looser = load_config(QUICKSTART, tiny_overrides(registry, **{"train.max_steps": 2, "evaluate.max_perplexity": 1e9}))
+    results = {r.name: r.status for r in stages.run_stages(looser, str(tmp_path / "runs"), log=lambda _: None)}
+    assert results["train"] == "cached" and results["evaluate"] == "ran" and results["publish"] == "ran"
+    assert len(list(registry.glob("tiny/*/manifest.json"))) == 1
