@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -125,6 +126,8 @@ def cmd_run(args, cfg: PipelineConfig) -> int:
     from flows.finetune import finetune
 
     results = finetune(cfg, workdir=args.workdir)
+    # Prefect logs "Stopping temporary server" at exit; keep the summary path the last line.
+    logging.getLogger("prefect").setLevel(logging.WARNING)
     summary = write_summary(results, cfg, args.workdir)
     print(summary.resolve())
     return 0
