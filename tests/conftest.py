@@ -101,3 +101,15 @@ def s3_bucket(s3_endpoint):
     fs.mkdir(name)
     fs.invalidate_cache()
     yield name
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA: skipped, with the reason shown, on machines without it."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
