@@ -18,6 +18,10 @@ from pipeline.artifacts import Artifact, StageOutput
 from pipeline.config import PipelineConfig
 
 
+class StageInputsChanged(RuntimeError):
+    pass
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -136,6 +140,13 @@ def materialize(
     inputs = {p: parents[p].local_path() for p in stage.parents}
     content = _content(stage, _sections(stage, cfg))
     stats = module.run(*_sections(stage, cfg), inputs=inputs, out=path, scratch=scratch_dir(workdir, name, fp))
+    # The fingerprint was taken before the run; if a data file or the stage's code changed
+    # meanwhile, the output belongs to neither version. Hashes are cached by (size, mtime),
+    # so this re-check costs a stat per file unless something did change.
+    if compute_fingerprint(name, cfg, parents) != fp:
+        raise StageInputsChanged(
+            f"[{name}] its input files or code changed while it ran; nothing was committed, run again"
+        )
     record = {
         "content": content,
         "config": {s: getattr(cfg, s).model_dump(mode="json") for s in stage.sections},

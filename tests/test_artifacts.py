@@ -261,3 +261,22 @@ def test_s3_workdir_gives_the_same_bytes_as_a_local_one(tmp_path, s3_bucket):
 
     again = stages.materialize("ingest", cfg, {}, f"s3://{s3_bucket}/work", log=quiet)
     assert (again.status, again.fingerprint) == ("cached", local.fingerprint)
+
+
+def test_a_source_file_changed_during_the_run_is_not_committed(tmp_path, monkeypatch):
+    from pipeline import ingest
+
+    source = tmp_path / "pairs.csv"
+    source.write_text("prompt,response\nq,a\n")
+    cfg = build_config({"data": {"source": str(source)}})
+    real_run = ingest.run
+
+    def run_then_edit(*args, **kwargs):
+        stats = real_run(*args, **kwargs)
+        source.write_text("prompt,response\nq,a\nq2,a2\n")  # e.g. an export still being written
+        return stats
+
+    monkeypatch.setattr(ingest, "run", run_then_edit)
+    with pytest.raises(stages.StageInputsChanged):
+        stages.materialize("ingest", cfg, {}, str(tmp_path / "runs"), log=lambda _: None)
+    assert not list((tmp_path / "runs").rglob("manifest.json"))

@@ -83,3 +83,21 @@ def test_pretrained_model_from_a_local_folder(tmp_path, capsys):
     tokenize = next(s for s in summary["stages"] if s["name"] == "tokenize")
     saved = json.loads((Path(tokenize["output"]) / "tokenizer" / "tokenizer.json").read_text())
     assert saved["model"]["vocab"] == json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
+
+
+def test_registry_list_and_verify_from_the_command_line(tmp_path, capsys):
+    from pipeline.registry import publish_version
+
+    bundle = tmp_path / "bundle"
+    (bundle / "model").mkdir(parents=True)
+    (bundle / "model" / "weights.bin").write_bytes(b"\x00" * 1000)
+    (bundle / "metrics.json").write_text(json.dumps({"perplexity": 3.25}))
+    publish_version(bundle, str(tmp_path / "reg"), "demo", "v1", {"train": "abc"})
+
+    assert cli.main(["registry", "list", "--registry", str(tmp_path / "reg")]) == 0
+    listing = capsys.readouterr().out
+    assert "demo" in listing and "v1" in listing and "3.250" in listing
+    assert cli.main(["registry", "verify", "demo", "v1", "--registry", str(tmp_path / "reg")]) == 0
+    (tmp_path / "reg" / "demo" / "v1" / "model" / "weights.bin").write_bytes(b"\x01" * 1000)
+    assert cli.main(["registry", "verify", "demo", "v1", "--registry", str(tmp_path / "reg")]) == 1
+    assert "model/weights.bin: sha256 mismatch" in capsys.readouterr().out
