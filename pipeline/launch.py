@@ -8,6 +8,7 @@ to the stage's scratch folder, which outlives a crash, so rerunning resumes.
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
 import json
 import os
 import signal
@@ -20,6 +21,14 @@ from pipeline.config import ModelConfig, TrainConfig
 
 class TrainingFailed(RuntimeError):
     pass
+
+
+def content_fingerprint(model: ModelConfig, train: TrainConfig) -> dict[str, str]:
+    """Library versions: a new torch or transformers can change the weights for the same inputs.
+
+    Read from package metadata, not by importing them, to keep fingerprinting cheap.
+    """
+    return {name: importlib.metadata.version(name) for name in ("torch", "transformers")}
 
 
 def torchrun_command(nproc_per_node: int, train_args: list[str]) -> list[str]:

@@ -54,9 +54,10 @@ STAGES: dict[str, Stage] = {
             ("model", "train"),
             ("tokenize",),
             ("pipeline.train", "pipeline.modeling", "pipeline.checkpoint", "pipeline.distributed", "pipeline.data_loader"),
+            has_content=True,
         ),
         Stage("evaluate", "pipeline.evaluate", ("evaluate", "model"), ("preprocess", "tokenize", "train"), ("pipeline.data_loader",)),
-        Stage("publish", "pipeline.publish", ("registry", "evaluate"), ("tokenize", "train", "evaluate"), has_external_output=True),
+        Stage("publish", "pipeline.publish", ("registry", "evaluate"), ("tokenize", "train", "evaluate"), ("pipeline.registry",), has_external_output=True),
     ]
 }
 ORDER = list(STAGES)
