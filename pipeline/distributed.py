@@ -65,10 +65,6 @@ def wrap_model(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
-
-
 def no_grad_sync(model: torch.nn.Module, sync: bool):
     """Skip DDP's gradient all-reduce on accumulation micro-steps that are not the last."""
     if sync or not hasattr(model, "no_sync"):
