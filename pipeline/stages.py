@@ -92,17 +92,22 @@ def _sections(stage: Stage, cfg: PipelineConfig) -> list[Any]:
 
 
 def compute_fingerprint(name: str, cfg: PipelineConfig, parents: dict[str, Artifact]) -> str:
+    return _fingerprint_and_content(name, cfg, parents)[0]
+
+
+def _fingerprint_and_content(name: str, cfg: PipelineConfig, parents: dict[str, Artifact]) -> tuple[str, Any]:
     stage = STAGES[name]
     sections = _sections(stage, cfg)
     content = _content(stage, sections)
     code = artifacts.code_version([stage.module, "pipeline.artifacts", *stage.code])
-    return artifacts.fingerprint(
+    fp = artifacts.fingerprint(
         name,
         {s: section.fingerprint_dict() for s, section in zip(stage.sections, sections)},
         {p: parents[p].fingerprint for p in stage.parents},
         code,
         content,
     )
+    return fp, content
 
 
 def _content(stage: Stage, sections: list[Any]) -> Any:
@@ -139,12 +144,12 @@ def materialize(
     path = out.prepare()
     module = stage.load()
     inputs = {p: parents[p].local_path() for p in stage.parents}
-    content = _content(stage, _sections(stage, cfg))
     stats = module.run(*_sections(stage, cfg), inputs=inputs, out=path, scratch=scratch_dir(workdir, name, fp))
     # The fingerprint was taken before the run; if a data file or the stage's code changed
     # meanwhile, the output belongs to neither version. Hashes are cached by (size, mtime),
     # so this re-check costs a stat per file unless something did change.
-    if compute_fingerprint(name, cfg, parents) != fp:
+    fp_after, content = _fingerprint_and_content(name, cfg, parents)
+    if fp_after != fp:
         raise StageInputsChanged(
             f"[{name}] its input files or code changed while it ran; nothing was committed, run again"
         )
