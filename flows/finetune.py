@@ -14,7 +14,7 @@ import time
 from prefect import flow, task
 from prefect.context import TaskRunContext
 
-from pipeline import stages
+from pipeline import artifacts, stages
 from pipeline.artifacts import StageOutput
 from pipeline.config import PipelineConfig
 from pipeline.stages import StageResult
@@ -48,6 +48,7 @@ STAGE_TASKS = {name: stage_task(name) for name in stages.ORDER}
 
 @flow(name="tunepipe-finetune", log_prints=True)
 def finetune(cfg: PipelineConfig, workdir: str = "runs", until: str | None = None) -> list[StageResult]:
+    artifacts.use_s3_endpoint(cfg.data.s3_endpoint_url)
     results: dict[str, StageResult] = {}
     for name in stages.ORDER:
         parents = {p: results[p].artifact for p in stages.STAGES[name].parents}

@@ -53,6 +53,23 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(str(url))
 
 
+def use_s3_endpoint(url: str | None) -> None:
+    """Point every s3:// access of this process (and of the torchrun job it starts) at `url`.
+
+    Through the standard AWS_ENDPOINT_URL variable, which botocore and so s3fs honour, rather
+    than through arguments: data sources, stage outputs and the registry then agree, and the
+    subprocesses inherit it. s3fs caches clients per arguments, so a cached one is dropped.
+    """
+    if not url or os.environ.get("AWS_ENDPOINT_URL") == url:
+        return
+    os.environ["AWS_ENDPOINT_URL"] = url
+    try:
+        import s3fs
+    except ImportError:
+        return
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
     return fs.exists(path)

@@ -75,17 +75,25 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 def _stat_summary(name: str, stats: dict) -> str:
     keys = {
         "ingest": ["rows_in", "rows_out", "rows_rejected"],
-        "sample": ["train", "validation"],
-        "preprocess": ["train_rows", "validation_rows"],
-        "tokenize": ["tokens", "train_blocks", "utilisation"],
+        "sample": ["rows_in", "duplicates_removed", "near_duplicates_removed", "train", "validation", "test"],
+        "preprocess": ["rows_in", "rows_out", "rows_rejected"],
+        "tokenize": ["tokens", "train_rows", "truncated", "utilisation"],
         "train": ["steps", "world_size", "final_loss", "tokens_per_s"],
         "evaluate": ["perplexity", "gate_passed"],
         "publish": ["version"],
     }.get(name, [])
+    # Per-split counts sit one level down (stats["splits"][split]["rows"]); show them flat.
+    flat = dict(stats)
+    for split, values in (stats.get("splits") or {}).items():
+        if isinstance(values, dict) and "rows" in values:
+            flat.setdefault(split, values["rows"])
+            flat.setdefault(f"{split}_rows", values["rows"])
     parts = []
     for k in keys:
-        if k in stats:
-            v = stats[k]
+        if flat.get(k) not in (None, 0) or k in ("rows_rejected", "rows_out"):
+            if k not in flat:
+                continue
+            v = flat[k]
             parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
     return " ".join(parts)
 

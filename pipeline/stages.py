@@ -44,10 +44,19 @@ class Stage:
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
-        Stage("ingest", "pipeline.ingest", ("data",), has_content=True),
-        Stage("sample", "pipeline.sample", ("sample",), ("ingest",)),
-        Stage("preprocess", "pipeline.preprocess", ("preprocess", "data"), ("sample",)),
-        Stage("tokenize", "pipeline.tokenize", ("tokenize", "model"), ("preprocess",), ("pipeline.text_tokenizer",), has_content=True),
+        # `row_spec` is derived (PipelineConfig.row_spec): the task and the columns each row must hold.
+        Stage("ingest", "pipeline.ingest", ("data", "row_spec"), (), ("pipeline.ingest_readers", "pipeline.sources"), has_content=True),
+        Stage("sample", "pipeline.sample", ("sample", "row_spec"), ("ingest",), ("pipeline.dedup",)),
+        # content: the stop-word list, a data file that code_version does not see.
+        Stage("preprocess", "pipeline.preprocess", ("preprocess", "row_spec"), ("sample",), ("pipeline.normalize",), has_content=True),
+        Stage(
+            "tokenize",
+            "pipeline.tokenize",
+            ("tokenize", "model", "row_spec"),
+            ("preprocess",),
+            ("pipeline.text_tokenizer",),
+            has_content=True,
+        ),
         Stage(
             "train",
             "pipeline.launch",
@@ -175,6 +184,7 @@ def run_stages(
     log: Callable[[str], None] = print,
 ) -> list[StageResult]:
     """Run (or load) every stage in order up to and including `until`, without Prefect."""
+    artifacts.use_s3_endpoint(cfg.data.s3_endpoint_url)
     results: dict[str, StageResult] = {}
     for name in ORDER:
         parents = {p: results[p].artifact for p in STAGES[name].parents}

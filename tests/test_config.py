@@ -160,3 +160,46 @@ def test_train_fingerprint_ignores_cadence_but_follows_the_learning_rate():
     assert stages.compute_fingerprint("train", build_config({}, ["train.lr=2e-3"]), parents) != base
     other_parent = {"tokenize": Artifact("tokenize", "abd", "/x")}
     assert stages.compute_fingerprint("train", build_config({}), other_parent) != base
+
+
+# ---------------------------------------------------------------- the derived row spec
+
+
+def test_row_spec_names_the_columns_each_task_reads():
+    assert build_config({}).row_spec.columns == {"prompt": "prompt", "response": "response"}
+    spec = build_config({"preprocess": {"template": "instruction"}, "data": {"output_column": "answer"}}).row_spec
+    assert spec.columns == {"instruction": "instruction", "input": "input", "output": "answer"}
+    assert spec.required_columns == ["instruction", "answer"]  # input is optional
+    assert build_config({"task": "classification"}).row_spec.columns == {"text": "text", "label": "label"}
+    assert build_config({"task": "seq2seq", "data": {"target_column": "summary"}}).row_spec.columns == {
+        "source": "text",
+        "target": "summary",
+    }
+    assert build_config({"preprocess": {"template": "chat"}}).row_spec.required_columns == ["messages"]
+
+
+def test_ingest_fingerprint_follows_the_columns_not_the_template_text(tmp_path):
+    from pipeline import stages
+
+    source = tmp_path / "pairs.csv"
+    source.write_text("prompt,response\nq,a\n")
+    base = {"data": {"source": str(source)}}
+    fp = stages.compute_fingerprint("ingest", build_config(base), {})
+    # Rewording a template must not re-ingest; reading other columns must.
+    assert stages.compute_fingerprint("ingest", build_config(base, ["preprocess.prompt_template=Q: {prompt}\\n"]), {}) == fp
+    assert stages.compute_fingerprint("ingest", build_config(base, ["data.response_column=answer"]), {}) != fp
+    assert stages.compute_fingerprint("ingest", build_config(base, ["task=classification"]), {}) != fp
+    # Where the bytes come from is not what they are.
+    assert stages.compute_fingerprint("ingest", build_config(base, ["data.s3_endpoint_url=http://127.0.0.1:9"]), {}) == fp
+
+
+def test_split_fractions_must_leave_a_train_split():
+    with pytest.raises(ConfigError, match="validation_fraction \\+ sample.test_fraction"):
+        build_config({}, ["sample.validation_fraction=0.5", "sample.test_fraction=0.5"])
+
+
+def test_unknown_task_and_packing_name_the_key():
+    with pytest.raises(ConfigError, match="'task'"):
+        build_config({}, ["task=regression"])
+    with pytest.raises(ConfigError, match="'tokenize.packing'"):
+        build_config({}, ["tokenize.packing=greedy"])
