@@ -1,194 +1,103 @@
-"""Ingest: raw prompt/response files -> string-typed Parquet shards, with unusable rows set aside.
+"""Ingest: raw rows -> string-typed Parquet shards, with every unusable row set aside and accounted for.
 
-Reads CSV, TSV, JSONL and Parquet (optionally .gz etc.) from local paths, globs or fsspec URLs
-(s3://bucket/*.csv), streaming: no file is ever loaded whole. Output, in the stage folder:
+    tunepipe stage ingest examples/quickstart.yaml --workdir runs
 
-    shards/part-00000.parquet ...   at most `data.shard_rows` rows each; every column a string
-    rejects.jsonl                   one {"file", "line", "reason", "raw"} per rejected row
+Reads CSV, TSV, JSONL and Parquet (optionally .gz/.zst/.bz2/.xz) from local paths, globs or fsspec
+URLs (s3://bucket/*.csv), `datasets.save_to_disk` folders and `hf:NAME` datasets (pipeline/sources.py),
+streaming: no input is ever loaded whole. Output, in the stage folder:
 
-`line` is where the row starts: the JSONL line, the CSV record number (the header is 1, so it is
-the line number unless an earlier value spans lines) or the Parquet row number. Rejects are in
-the order they were found, which within a CSV block puts malformed rows first.
+    shards/part-SSSSS-KKKKK.parquet  shard KKKKK of source SSSSS, at most `data.shard_rows` rows; every
+                                     column a string; sorted names = row order
+    rejects.jsonl                    one {"file", "line", "reason", "raw"} per rejected row, in file order
+
+`line` is the physical line where the record starts (CSV, TSV, JSONL), or the row number (Parquet,
+datasets). Every record is either a row or a reject: rows_in == rows_out + rows_rejected. Blank
+lines are not records. Before any row is read, every source's header (or schema) must hold the
+task's required columns (`RowSpec.required_columns`, named after `data.rename`).
 """
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
 import json
-import os
-import time
-from dataclasses import dataclass
+import lzma
+import zlib
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any
 
-import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 
-from pipeline.artifacts import sha256_file
-from pipeline.config import DataConfig
+from pipeline import ingest_readers, sources
+from pipeline.config import DataConfig, RowSpec
+from pipeline.ingest_readers import (
+    BlockTooSmall, Chunk, Cursor, Reject, arrow_mask, bool_mask, empty_values, has_empty, has_nul, may_be_blank,
+)
+from pipeline.sources import Header, Source, SourceError
 
 REJECTS = "rejects.jsonl"
 SHARDS = "shards"
 _RAW_LIMIT = 2000
-_JSONL_BATCH_ROWS = 10_000
-_PARQUET_BATCH_ROWS = 65_536
 _PROGRESS_MIN_BYTES = 32 << 20
-_EXTENSIONS = {
-    ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet",
-}
+# CSV block: big enough that per-batch overhead is noise, small enough that a few in flight stay
+# far below the memory budget. A record larger than a block is re-read with a block 8x larger.
+CSV_BLOCK_BYTES = 1 << 20
+_MAX_BLOCK_BYTES = 1 << 30
+# Rows are buffered into row groups of about this size: pyarrow writes one row group per
+# write_table call, and thousands of 1 MB row groups slow both the writer and every later reader.
+_ROW_GROUP_BYTES = 32 << 20
+_PENDING_WRITES = 2  # row groups queued for the writer thread: bounds the memory in flight
+# Faults inside a source that no row-level check can skip: they name the source and the line.
+_READ_FAULTS = (pa.ArrowException, OSError, EOFError, UnicodeError, zlib.error, lzma.LZMAError)
 
 
-# ---------------------------------------------------------------- finding the input files
+class IngestError(ValueError):
+    """The input cannot be ingested as configured. The message names the file (and line when known)."""
 
 
-@dataclass(frozen=True)
-class InputFile:
-    fs: fsspec.AbstractFileSystem
-    path: str
-    name: str
-    """How rejects and the fingerprint name the file: relative to the working directory when local."""
-    size: int
-    version: str
-    """Changes whenever the bytes may have: the ETag on object stores, else the mtime."""
-    format: str
-    compression: str | None
-
-    def open(self):
-        return self.fs.open(self.path, "rb", compression=self.compression)
-
-
-def _display_name(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    if isinstance(fs, LocalFileSystem):
-        rel = os.path.relpath(path)
-        return path if rel.startswith("..") else Path(rel).as_posix()
-    return fs.unstrip_protocol(path)
-
-
-def _format_of(path: str, data: DataConfig) -> tuple[str, str | None]:
-    compression = fsspec.utils.infer_compression(path)
-    if data.format:
-        return data.format, compression
-    stem = path.rsplit(".", 1)[0] if compression else path
-    fmt = _EXTENSIONS.get(os.path.splitext(stem)[1].lower())
-    if fmt is None:
-        raise ValueError(f"cannot tell the format of {path} from its extension; set data.format (csv, tsv, jsonl, parquet)")
-    return fmt, compression
-
-
-def resolve_inputs(data: DataConfig) -> list[InputFile]:
-    """Every file `data.source` names, in a stable order (sorted within each pattern)."""
-    patterns = [data.source] if isinstance(data.source, str) else list(data.source)
-    if not patterns:
-        raise ValueError("data.source names no file")
-    files: list[InputFile] = []
-    seen: set[str] = set()
-    for pattern in patterns:
-        fs, path = fsspec.core.url_to_fs(pattern)
-        matches = {p: info for p, info in fs.glob(path, detail=True).items() if info.get("type") == "file"}
-        if not matches:
-            folder = fs.isdir(path)
-            hint = f" (it is a folder: name the files, e.g. '{pattern.rstrip('/')}/*.csv')" if folder else ""
-            raise FileNotFoundError(f"data.source: no file matches '{pattern}'{hint}")
-        for p in sorted(matches):
-            info = matches[p]
-            key = fs.unstrip_protocol(p)
-            if key in seen:
-                continue
-            seen.add(key)
-            version = str(info.get("ETag") or info.get("mtime") or info.get("LastModified") or "")
-            fmt, compression = _format_of(p, data)
-            files.append(InputFile(fs, p, _display_name(fs, p), int(info["size"]), version, fmt, compression))
-    return files
-
-
-# ---------------------------------------------------------------- fingerprint
-
-
-# sha256 per (file, size, version); the runner asks for the fingerprint more than once per run.
-_hash_cache: dict[tuple[str, int, str], str] = {}
-# Local mtimes have coarse (jiffy) resolution, so a file rewritten moments after it was hashed can
-# keep its size and mtime. Like git's "racily clean" rule, only cache hashes of files older than this.
-_RACY_SECONDS = 2.0
-
-
-def _cacheable(f: InputFile) -> bool:
-    if not f.version:  # nothing tells us the bytes are unchanged
-        return False
-    if isinstance(f.fs, LocalFileSystem):
-        return time.time() - float(f.version) > _RACY_SECONDS
-    return True
-
-
-def content_fingerprint(data: DataConfig) -> list[dict[str, Any]]:
+def content_fingerprint(data: DataConfig, spec: RowSpec) -> list[dict[str, Any]]:
     """The bytes behind `data.source`: a file edited in place must not reuse a stale ingest."""
-    entries = []
-    for f in resolve_inputs(data):
-        key = (f.fs.unstrip_protocol(f.path), f.size, f.version)
-        digest = _hash_cache.get(key)
-        if digest is None:
-            digest = sha256_file(f.path, f.fs)
-            if _cacheable(f):
-                _hash_cache[key] = digest
-        entries.append({"path": f.name, "sha256": digest, "bytes": f.size})
-    return entries
+    return sources.content_fingerprint(data)
 
 
-# ---------------------------------------------------------------- columns
+# ---------------------------------------------------------------- columns, checked before any work
 
 
-def _first_jsonl_keys(raw) -> list[str]:
-    for line in raw:
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(obj, dict):
-            return list(obj)
-    return []
+def _renamed(header: Header, rename: dict[str, str]) -> list[str] | None:
+    return None if header.columns is None else [rename.get(c, c) for c in header.columns]
 
 
-def _columns(f: InputFile) -> list[str]:
-    """The columns a file declares: the CSV header, the Parquet schema, the keys of the first JSONL object."""
-    with f.open() as raw:
-        if f.format == "parquet":
-            return list(pq.ParquetFile(raw).schema_arrow.names)
-        if f.format == "jsonl":
-            return _first_jsonl_keys(raw)
-        # utf-8-sig: pyarrow skips a byte-order mark, so the first name must not keep it either.
-        # errors="replace": the wrapper decodes a whole chunk, and a bad byte in a row is that row's problem.
-        text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
-        try:
-            header = next(csv.reader(text, delimiter="\t" if f.format == "tsv" else ","), [])
-        finally:
-            text.detach()
-        duplicates = sorted({c for c in header if header.count(c) > 1})
-        if duplicates:
-            raise ValueError(f"{f.name}: duplicate column names in the header: {duplicates}")
-        return header
-
-
-def _output_columns(files: list[InputFile], data: DataConfig) -> list[str]:
-    """Union of the files' columns in first-seen order. Raises, before anything is written, when a
-    file with a header lacks a required column. JSONL has no header: its rows are checked one by one."""
-    required = [data.prompt_column, data.response_column]
+def _output_columns(found: list[tuple[Source, Header]], data: DataConfig, spec: RowSpec) -> list[str]:
+    """Union of the sources' columns (after data.rename) in first-seen order, the task's columns
+    included (an absent optional one stays null). Raises before anything is written when a source
+    with a header or schema lacks a required column. JSONL has neither: its rows are checked one by one."""
+    seen = {c for _, header in found for c in header.columns or ()}
+    unknown = [old for old in data.rename if old not in seen]
+    if unknown and seen:
+        raise IngestError(f"data.rename: no input has column(s) {unknown}; the inputs have {sorted(seen)}")
     columns: dict[str, None] = {}
-    for f in files:
-        found = _columns(f)
-        missing = [c for c in required if c not in found]
-        if missing and f.format != "jsonl":
-            raise ValueError(
-                f"{f.name}: required column(s) {missing} not found; the file has columns {found}. "
-                "Set data.prompt_column / data.response_column to the right names."
+    for source, header in found:
+        names = _renamed(header, data.rename)
+        if names is None:
+            continue
+        duplicates = sorted({c for c in names if names.count(c) > 1})
+        if duplicates:
+            raise IngestError(f"{source.name}: data.rename gives two columns the name(s) {duplicates}")
+        missing = [c for c in spec.required_columns if c not in names]
+        if missing and source.format != "jsonl":
+            renamed = f" ({names} after data.rename)" if data.rename else ""
+            raise IngestError(
+                f"{source.name}: required column(s) {missing} not found; it has columns {header.columns}{renamed}. "
+                f"Name the right columns with data.*_column (the {spec.template if spec.task == 'causal_lm' else spec.task}"
+                " roles) or map them with data.rename."
             )
-        columns.update(dict.fromkeys(found))
-    columns.update(dict.fromkeys(required))
+        columns.update(dict.fromkeys(names))
+    columns.update(dict.fromkeys(spec.columns.values()))
     return list(columns)
 
 
@@ -196,183 +105,126 @@ def _output_columns(files: list[InputFile], data: DataConfig) -> list[str]:
 
 
 class Rejects:
-    def __init__(self, stream: TextIO):
-        self.stream = stream
+    """rejects.jsonl, written in binary so that a source read again can be cut back off exactly."""
+
+    def __init__(self, path: Path):
+        self.stream = path.open("wb")
         self.count = 0
         self.first: list[str] = []
 
-    def add(self, file: str, line: int | None, reason: str, raw: Any) -> None:
-        self.count += 1
-        if len(self.first) < 5:
-            self.first.append(f"{file}:{line if line is not None else '?'}: {reason}")
-        text = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False)
-        record = {"file": file, "line": line, "reason": reason, "raw": text[:_RAW_LIMIT]}
-        self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+    def add(self, file: str, rejects: list[Reject]) -> None:
+        for line, reason, raw in rejects:
+            self.count += 1
+            if len(self.first) < 5:
+                self.first.append(f"{file}:{line}: {reason}")
+            text = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False)
+            record = {"file": file, "line": line, "reason": reason, "raw": text[:_RAW_LIMIT]}
+            self.stream.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
+
+    def mark(self) -> tuple[int, int, int]:
+        return self.stream.tell(), self.count, len(self.first)
+
+    def rollback(self, mark: tuple[int, int, int]) -> None:
+        position, self.count, first = mark
+        del self.first[first:]
+        self.stream.seek(position)
+        self.stream.truncate()
+
+    def close(self) -> None:
+        self.stream.close()
 
 
 class ShardWriter:
-    """Splits a stream of tables into Parquet files of at most `shard_rows` rows."""
+    """Parquet shards of at most `shard_rows` rows. Encoding and compressing is about half of the
+    stage's CPU time, so whole row groups go to a background thread that writes them while the
+    next ones are parsed (pyarrow releases the GIL for both). The caller decides the row groups and
+    the shard boundaries, so the files do not depend on thread timing. Each source gets its own
+    shard sequence, so that a source can be discarded and read again (`discard`)."""
 
     def __init__(self, folder: Path, schema: pa.Schema, shard_rows: int):
         self.folder, self.schema, self.shard_rows = folder, schema, shard_rows
-        self.shards = 0
-        self._writer: pq.ParquetWriter | None = None
-        self._rows = 0
         folder.mkdir(parents=True, exist_ok=True)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ingest-shards")
+        self._pending: deque[Future] = deque()
+        self.shards = 0
+        self._written: list[Path] = []  # the current source's shards; the last one may be open
+        self._source = 0
+        self._rows = 0  # rows in the current shard
+        self._buffer: list[pa.Table] = []
+        self._buffered = 0
+        self._writer: pq.ParquetWriter | None = None  # the writer thread's, except after `_wait()`
+
+    def begin(self, source: int) -> None:
+        self._source, self._written, self._rows = source, [], 0
 
     def write(self, table: pa.Table) -> None:
         while table.num_rows:
-            if self._writer is None:
-                self._writer = pq.ParquetWriter(self.folder / f"part-{self.shards:05d}.parquet", self.schema)
+            if self._rows == 0:
+                self._written.append(self.folder / f"part-{self._source:05d}-{len(self._written):05d}.parquet")
                 self.shards += 1
-                self._rows = 0
             take = min(table.num_rows, self.shard_rows - self._rows)
-            self._writer.write_table(table.slice(0, take))
+            self._buffer.append(table.slice(0, take))
+            self._buffered += self._buffer[-1].nbytes
             self._rows += take
             table = table.slice(take)
             if self._rows == self.shard_rows:
-                self.close()
+                self.end()
+            elif self._buffered >= _ROW_GROUP_BYTES:
+                self._submit(self._written[-1], close=False)
+
+    def end(self) -> None:
+        """Close the current shard."""
+        if self._rows:
+            self._submit(self._written[-1], close=True)
+            self._rows = 0
+
+    def discard(self) -> None:
+        """Delete what the current source wrote so far."""
+        self._wait()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        for path in self._written:
+            path.unlink(missing_ok=True)
+        self.shards -= len(self._written)
+        self._written, self._rows, self._buffer, self._buffered = [], 0, [], 0
 
     def close(self) -> None:
-        if self._writer is not None:
+        try:
+            self._wait()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            if self._writer is not None:
+                self._writer.close()
+
+    def _submit(self, path: Path, close: bool) -> None:
+        group, self._buffer, self._buffered = self._buffer, [], 0
+        self._pending.append(self._pool.submit(self._write, path, group, close))
+        while len(self._pending) > _PENDING_WRITES:  # back-pressure: bounded memory
+            self._pending.popleft().result()
+
+    def _wait(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def _write(self, path: Path, group: list[pa.Table], close: bool) -> None:
+        """On the writer thread, one job at a time in submission order."""
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(path, self.schema)
+        if group:
+            table = pa.concat_tables(group)
+            self._writer.write_table(table, row_group_size=table.num_rows)
+        if close:
             self._writer.close()
             self._writer = None
 
 
-# ---------------------------------------------------------------- readers
-#
-# Each yields (table of string columns, the `line` of each row, bytes read so far).
-
-
-def _read_csv(f: InputFile, columns: list[str], rejects: Rejects) -> Iterator[tuple[pa.Table, list[int], int]]:
-    skipped: set[int] = set()  # record numbers of malformed rows
-
-    def on_invalid_row(row) -> str:
-        if row.number is not None:
-            skipped.add(row.number)
-        reason = f"expected {row.expected_columns} fields, got {row.actual_columns}"
-        rejects.add(f.name, row.number, reason, row.text)
-        return "skip"
-
-    def record_numbers(last: int, count: int) -> list[int]:
-        # A batch's rows are the next well-formed records: the handler has already seen every
-        # malformed record of the block, so skipping those numbers gives each row its own.
-        numbers = []
-        for _ in range(count):
-            last += 1
-            while last in skipped:
-                last += 1
-            numbers.append(last)
-        return numbers
-
-    with f.open() as raw:
-        reader = pacsv.open_csv(
-            raw,
-            # Single-threaded: rows then keep their record numbers and rejects a stable order.
-            read_options=pacsv.ReadOptions(use_threads=False),
-            parse_options=pacsv.ParseOptions(
-                delimiter="\t" if f.format == "tsv" else ",",
-                newlines_in_values=True,
-                invalid_row_handler=on_invalid_row,
-            ),
-            # Every column bytes, made text below: type inference on the first block would turn
-            # "007" into 7 and fail on a later block that disagrees, and reading as string would
-            # fail the whole file on one row with invalid UTF-8.
-            convert_options=pacsv.ConvertOptions(column_types={c: pa.binary() for c in columns}),
-        )
-        last = 1  # the header
-        for batch in reader:
-            lines = record_numbers(last, batch.num_rows)
-            last = lines[-1] if lines else last
-            table, lines = _as_utf8(pa.Table.from_batches([batch]), lines, f, rejects)
-            yield table, lines, raw.tell()
-
-
-def _first_invalid_utf8(row: dict[str, bytes | None]) -> str | None:
-    for name, value in row.items():
-        try:
-            if value is not None:
-                value.decode("utf-8")
-        except UnicodeDecodeError:
-            return name
-    return None
-
-
-def _as_utf8(table: pa.Table, lines: list[int], f: InputFile, rejects: Rejects) -> tuple[pa.Table, list[int]]:
-    """Binary columns as strings; rows with invalid UTF-8 go to the rejects."""
-    schema = pa.schema([(name, pa.string()) for name in table.column_names])
-    try:
-        return table.cast(schema), lines
-    except pa.ArrowInvalid:
-        pass  # rare: find the bad rows one by one, in this batch only
-    keep = []
-    for row, line in zip(table.to_pylist(), lines):
-        bad = _first_invalid_utf8(row)
-        keep.append(bad is None)
-        if bad is not None:
-            raw = {k: v.decode("utf-8", "replace") for k, v in row.items() if v is not None}
-            rejects.add(f.name, line, f"invalid UTF-8 in '{bad}'", raw)
-    lines = [line for line, ok in zip(lines, keep) if ok]
-    return table.filter(pa.array(keep)).cast(schema), lines
-
-
-def _as_text(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False)
-
-
-def _read_jsonl(f: InputFile, columns: list[str], rejects: Rejects) -> Iterator[tuple[pa.Table, list[int], int]]:
-    schema = pa.schema([(c, pa.string()) for c in columns])
-    rows: list[dict[str, str | None]] = []
-    lines: list[int] = []
-    with f.open() as raw:
-        for number, line in enumerate(raw, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-                rejects.add(f.name, number, f"invalid JSON: {e}", line.decode("utf-8", "replace").rstrip("\n"))
-                continue
-            if not isinstance(obj, dict):
-                reason = f"expected a JSON object, got {type(obj).__name__}"
-                rejects.add(f.name, number, reason, line.decode("utf-8", "replace").rstrip("\n"))
-                continue
-            rows.append({c: _as_text(obj.get(c)) for c in columns})
-            lines.append(number)
-            if len(rows) == _JSONL_BATCH_ROWS:
-                yield pa.Table.from_pylist(rows, schema=schema), lines, raw.tell()
-                rows, lines = [], []
-        if rows:
-            yield pa.Table.from_pylist(rows, schema=schema), lines, raw.tell()
-
-
-def _read_parquet(f: InputFile, columns: list[str], rejects: Rejects) -> Iterator[tuple[pa.Table, list[int], int]]:
-    with f.open() as raw:
-        parquet = pq.ParquetFile(raw)
-        start = 1
-        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS):
-            table = pa.Table.from_batches([batch])
-            strings = []
-            for name in table.column_names:
-                try:
-                    strings.append(table[name].cast(pa.string()))
-                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-                    kind = table[name].type
-                    raise ValueError(f"{f.name}: column '{name}' ({kind}) cannot be read as text: {e}") from None
-            yield pa.table(strings, names=table.column_names), list(range(start, start + len(table))), raw.tell()
-            start += len(table)
-
-
-_READERS = {"csv": _read_csv, "tsv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet}
-
-
-# ---------------------------------------------------------------- the stage
+# ---------------------------------------------------------------- row checks
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """Columns in output order; a column this file lacks is null."""
+    """Columns in output order; a column this source lacks is null. Extra columns were ruled out
+    for sources with a header; JSONL keys beyond the first objects' are left out by its reader."""
     arrays = [
         table[name] if name in table.column_names else pa.chunked_array([pa.nulls(len(table), pa.string())])
         for name in schema.names
@@ -380,69 +232,158 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def _drop_unusable(table: pa.Table, lines: list[int], f: InputFile, data: DataConfig, rejects: Rejects) -> pa.Table:
-    """Rows whose prompt or response is missing, null or only whitespace go to the rejects."""
-    checks = []
-    for column in (data.prompt_column, data.response_column):
-        text = table[column]
-        blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0)
-        checks.append((pc.is_null(text), f"'{column}' is missing or null"))
-        checks.append((pc.fill_null(blank, False), f"'{column}' is empty"))
-    bad = functools.reduce(pc.or_, (mask for mask, _ in checks))
-    rejected = pc.indices_nonzero(bad)
-    if not len(rejected):
-        return table
-    flags = [mask.take(rejected).to_pylist() for mask, _ in checks]
-    rows = table.take(rejected).to_pylist()
-    for i, index in enumerate(rejected.to_pylist()):
-        reason = next(r for (_, r), flag in zip(checks, flags) if flag[i])
-        rejects.add(f.name, lines[index], reason, rows[i])
-    return table.filter(pc.invert(bad))
+def _row_faults(table: pa.Table, required: list[str]) -> list[tuple[np.ndarray, str]]:
+    """(mask, reason) per fault found in some row: a required value null or blank, a NUL byte anywhere.
+    Cheap whole-column checks first: most batches have no fault at all."""
+    faults = []
+    for name in required:
+        column = table[name]
+        if column.null_count:
+            faults.append((bool_mask(pc.is_null(column)), f"'{name}' is missing or null"))
+        empty, spaces = has_empty(column), may_be_blank(column)
+        if empty or spaces:
+            blank = empty_values(column) if empty else np.zeros(len(column), bool)
+            if spaces:
+                blank |= bool_mask(pc.utf8_is_space(column))  # only whitespace; false for ""
+            if blank.any():
+                faults.append((blank, f"'{name}' is empty"))
+    for name in table.column_names:
+        # NUL is valid UTF-8, but C-string tokenizers and many tools cut the text at it.
+        if has_nul(table[name]):
+            faults.append((bool_mask(pc.match_substring(table[name], "\x00")), f"NUL byte in '{name}'"))
+    return faults
 
 
-def run(data: DataConfig, *, inputs: dict[str, Path], out: Path, scratch: Path) -> dict[str, Any]:
-    files = resolve_inputs(data)
-    columns = _output_columns(files, data)
-    schema = pa.schema([(c, pa.string()) for c in columns])
-    bytes_in = sum(f.size for f in files)
-    rows_out = 0
-    shards = ShardWriter(out / SHARDS, schema, data.shard_rows)
-    with (out / REJECTS).open("w", encoding="utf-8") as stream, tqdm(
-        total=bytes_in, unit="B", unit_scale=True, desc="ingest",
-        disable=None if bytes_in >= _PROGRESS_MIN_BYTES else True,  # None: only on a terminal
-    ) as progress:
-        rejects = Rejects(stream)
-        done = 0
-        for f in files:
+def _drop_faulty(table: pa.Table, chunk: Chunk, required: list[str]) -> tuple[pa.Table, list[Reject]]:
+    faults = _row_faults(table, required)
+    if not faults:
+        return table, []
+    bad = functools.reduce(np.logical_or, (mask for mask, _ in faults))
+    rows = np.flatnonzero(bad)
+    values = table.filter(arrow_mask(bad)).to_pylist()
+    lines = chunk.lines()
+    rejects = []
+    for row, value in zip(rows.tolist(), values):
+        reason = next(reason for mask, reason in faults if mask[row])
+        rejects.append((int(lines[row]), reason, value))
+    return table.filter(arrow_mask(~bad)), rejects
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _read_header(source: Source) -> Header:
+    try:
+        return sources.read_header(source)
+    except SourceError as e:
+        raise IngestError(str(e)) from None
+    except _READ_FAULTS as e:
+        raise IngestError(f"{source.name}: cannot read its header or schema: {type(e).__name__}: {e}") from e
+
+
+class _Ingest:
+    """One run's outputs (shards, rejects, progress bar) and what every source added to them."""
+
+    def __init__(self, data: DataConfig, spec: RowSpec, columns: list[str], out: Path, bytes_in: int):
+        self.data, self.spec = data, spec
+        self.schema = pa.schema([(c, pa.string()) for c in columns])
+        self.shards = ShardWriter(out / SHARDS, self.schema, data.shard_rows)
+        self.rejects = Rejects(out / REJECTS)
+        self.progress = tqdm(total=bytes_in, unit="B", unit_scale=True, desc="ingest",
+                             disable=None if bytes_in >= _PROGRESS_MIN_BYTES else True)  # None: only on a terminal
+        self.totals: Counter = Counter()
+        self.empty: list[str] = []
+        self.ignored: set[str] = set()
+
+    def source(self, index: int, source: Source, header: Header) -> None:
+        block = CSV_BLOCK_BYTES
+        while True:
+            self.shards.begin(index)
+            mark, start = self.rejects.mark(), self.progress.n
             try:
-                for table, lines, position in _READERS[f.format](f, columns, rejects):
-                    kept = _drop_unusable(_conform(table, schema), lines, f, data, rejects)
-                    shards.write(kept)
-                    rows_out += len(kept)
-                    progress.update(done + min(position, f.size) - progress.n)
-            except pa.ArrowInvalid as e:  # a fault pyarrow cannot skip past, e.g. invalid UTF-8: name the file
-                raise ValueError(f"{f.name}: {e}") from None
-            done += f.size
-            progress.update(done - progress.n)
-    shards.close()
+                counts = self._read(source, header, block)
+                break
+            except BlockTooSmall as e:
+                # pyarrow cannot parse a record longer than its block; rows before it are already
+                # written, so throw this source's output away and read it again with a bigger block.
+                self.shards.discard()
+                self.rejects.rollback(mark)
+                self.progress.update(start - self.progress.n)
+                if block == _MAX_BLOCK_BYTES:
+                    raise IngestError(f"{source.name}, near line {e.line}: a record larger than "
+                                      f"{_MAX_BLOCK_BYTES >> 20} MiB") from None
+                block = min(block * 8, _MAX_BLOCK_BYTES)
+        self.shards.end()
+        if counts["rows_out"] + counts["rows_rejected"] == 0:
+            self.empty.append(source.name)
+        self.totals.update(counts)
 
-    rows_in = rows_out + rejects.count
-    first = "\n  ".join(rejects.first)
+    def _read(self, source: Source, header: Header, block_size: int) -> Counter:
+        counts: Counter = Counter()
+        cursor = Cursor()
+        options = dict(rename=self.data.rename, policy=self.data.invalid_utf8, block_size=block_size, cursor=cursor)
+        start, size = self.progress.n, sources.source_bytes(source, header)
+        try:
+            for chunk in ingest_readers.read(source, header, **options):
+                table, faulty = _drop_faulty(_conform(chunk.table, self.schema), chunk, self.spec.required_columns)
+                found = sorted(chunk.rejects + faulty, key=lambda r: r[0])
+                self.rejects.add(source.name, found)
+                self.shards.write(table)
+                counts.update(rows_out=table.num_rows, rows_rejected=len(found),
+                              rows_utf8_replaced=chunk.utf8_replaced, blank_lines=chunk.blank_lines)
+                self.ignored.update(chunk.ignored)
+                self.progress.update(start + min(chunk.position, size) - self.progress.n)
+        except BlockTooSmall:
+            raise BlockTooSmall(cursor.line) from None
+        except _READ_FAULTS as e:
+            where = f", near line {cursor.line}" if cursor.line is not None else ""
+            raise IngestError(f"{source.name}{where}: {type(e).__name__}: {e}") from e
+        return counts
+
+    def close(self) -> None:
+        self.progress.close()
+        self.rejects.close()
+        self.shards.close()
+
+
+def _check_totals(run: _Ingest, found: list[tuple[Source, Header]], out: Path) -> None:
+    rows_out, rejected = run.totals["rows_out"], run.totals["rows_rejected"]
+    first = "\n  ".join(run.rejects.first)
+    if rows_out + rejected == 0:
+        raise IngestError(f"every input is empty (no rows): {run.empty}")
     if rows_out == 0:
-        names = [f.name for f in files]
-        raise ValueError(f"no usable rows in {names} ({rows_in} rows read). First rejects:\n  {first}")
-    if rejects.count / rows_in > data.max_reject_fraction:
-        raise ValueError(
-            f"{rejects.count} of {rows_in} rows rejected ({rejects.count / rows_in:.1%}), more than "
-            f"data.max_reject_fraction={data.max_reject_fraction}. All rejects: {out / REJECTS} "
+        names = [s.name for s, _ in found]
+        raise IngestError(f"no usable rows in {names} ({rejected} rows read). First rejects:\n  {first}")
+    if rejected / (rows_out + rejected) > run.data.max_reject_fraction:
+        raise IngestError(
+            f"{rejected} of {rows_out + rejected} rows rejected ({rejected / (rows_out + rejected):.1%}), more "
+            f"than data.max_reject_fraction={run.data.max_reject_fraction}. All rejects: {out / REJECTS} "
             f"(kept until the next run). First rejects:\n  {first}"
         )
+
+
+def run(data: DataConfig, spec: RowSpec, *, inputs: dict[str, Path], out: Path, scratch: Path) -> dict[str, Any]:
+    found = [(source, _read_header(source)) for source in sources.resolve_sources(data)]
+    columns = _output_columns(found, data, spec)
+    bytes_in = sum(sources.source_bytes(s, h) for s, h in found)
+    run = _Ingest(data, spec, columns, out, bytes_in)
+    try:
+        for index, (source, header) in enumerate(found):
+            run.source(index, source, header)
+    finally:
+        run.close()
+    _check_totals(run, found, out)
     return {
-        "rows_in": rows_in,
-        "rows_out": rows_out,
-        "rows_rejected": rejects.count,
-        "files": len(files),
-        "shards": shards.shards,
+        "rows_in": run.totals["rows_out"] + run.totals["rows_rejected"],
+        "rows_out": run.totals["rows_out"],
+        "rows_rejected": run.totals["rows_rejected"],
+        "rows_utf8_replaced": run.totals["rows_utf8_replaced"],
+        "blank_lines": run.totals["blank_lines"],
+        "files": len(found),
+        "empty_files": len(run.empty),
+        "shards": run.shards.shards,
         "bytes_in": bytes_in,
         "columns": columns,
+        # JSONL keys first seen after the lines that decided the columns: left out, but not silently.
+        "columns_ignored": sorted(run.ignored),
     }

@@ -123,7 +123,7 @@ def test_materialize_replaces_an_uncommitted_folder(tmp_path):
 
     assert (result.status, result.fingerprint, Path(result.output)) == ("ran", fp, leftover)
     assert not (leftover / "junk").exists()
-    assert set(json.loads((leftover / MANIFEST).read_text())["files"]) == {"rejects.jsonl", "shards/part-00000.parquet"}
+    assert set(json.loads((leftover / MANIFEST).read_text())["files"]) == {"rejects.jsonl", "shards/part-00000-00000.parquet"}
     assert artifacts.verify(str(leftover)) == []
     assert result.stats["rows_out"] == 5
     assert any("uncommitted" in m for m in messages)
@@ -254,7 +254,7 @@ def test_s3_workdir_gives_the_same_bytes_as_a_local_one(tmp_path, s3_bucket):
     assert remote.output == f"s3://{s3_bucket}/work/ingest/{local.fingerprint}"
     assert artifacts.verify(remote.output) == []
     fs = fsspec.filesystem("s3")
-    shard = "shards/part-00000.parquet"
+    shard = "shards/part-00000-00000.parquet"
     assert fs.cat_file(f"{remote.output}/{shard}") == (Path(local.output) / shard).read_bytes()
     assert fs.cat_file(f"{remote.output}/rejects.jsonl") == (Path(local.output) / "rejects.jsonl").read_bytes()
     assert remote.stats == local.stats and remote.stats["rows_out"] == 50
