@@ -16,20 +16,24 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import EvaluateConfig, ModelConfig
-from pipeline.data_loader import PackedBlocks
+from pipeline.data_loader import open_split
 
 _EVAL_BATCH = 8
 
 
 @torch.no_grad()
-def perplexity(model, blocks: PackedBlocks, max_batches: int) -> tuple[float, int]:
-    """(mean loss over label tokens, label token count) over up to max_batches batches, in order."""
+def perplexity(model, blocks, max_batches: int) -> tuple[float, int]:
+    """(mean loss over label tokens, label token count) over up to max_batches batches, in order.
+
+    `blocks` is any causal-LM loader of `data_loader.open_split` (packed blocks or padded examples).
+    """
     model.eval()
     total_loss, total_tokens = 0.0, 0
     for b in range(min(max_batches, math.ceil(len(blocks) / _EVAL_BATCH))):
         ids = range(b * _EVAL_BATCH, min(len(blocks), (b + 1) * _EVAL_BATCH))
-        x, y = blocks.batch(list(ids))
-        logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits
+        batch = blocks.batch(list(ids))
+        y = batch.pop("labels")
+        logits = model(**batch).logits
         total_loss += F.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), y[:, 1:].flatten(), ignore_index=-100, reduction="sum"
         ).item()
@@ -53,12 +57,34 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
+def sample_prompts(path: Path, tokenizer, count: int) -> list[tuple[str, str]]:
+    """(prompt, reference answer) pairs from the preprocessed validation split.
+
+    Prompt/response layouts give them directly (rows with an empty prompt, as the `text` template
+    makes, have nothing to answer). A chat gives the conversation up to its last assistant turn,
+    rendered with the generation prompt, and that turn as the reference.
+    """
+    columns = pq.ParquetFile(path).schema_arrow.names
+    pairs: list[tuple[str, str]] = []
+    if "prompt" in columns:
+        for row in pq.read_table(path, columns=["prompt", "response"]).to_pylist():
+            if row["prompt"] and len(pairs) < count:
+                pairs.append((row["prompt"], row["response"]))
+    elif "messages" in columns:
+        for text in pq.read_table(path, columns=["messages"])["messages"].to_pylist()[:count]:
+            messages = json.loads(text)
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            prompt = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+            pairs.append((prompt, messages[last]["content"]))
+    return pairs
+
+
 def run(cfg: EvaluateConfig, model_cfg: ModelConfig, *, inputs: dict[str, Path], out: Path, scratch: Path) -> dict:
     torch.manual_seed(0)
     trained = inputs["train"]
     tokenizer = AutoTokenizer.from_pretrained(trained / "tokenizer")
     model = AutoModelForCausalLM.from_pretrained(trained / "model")
-    loss, tokens = perplexity(model, PackedBlocks(inputs["tokenize"] / "validation"), cfg.max_batches)
+    loss, tokens = perplexity(model, open_split(inputs["tokenize"] / "validation"), cfg.max_batches)
     # No validation tokens (sample.validation_fraction: 0) means no measurement, not a perfect score.
     ppl = math.exp(min(loss, 50.0)) if tokens else None
     loss = loss if tokens else None
@@ -66,12 +92,11 @@ def run(cfg: EvaluateConfig, model_cfg: ModelConfig, *, inputs: dict[str, Path],
     base = None
     if model_cfg.init == "pretrained" and cfg.num_generations:
         base = AutoModelForCausalLM.from_pretrained(model_cfg.name).eval()
-    validation = pq.read_table(inputs["preprocess"] / "validation.parquet", columns=["prompt", "response"])
     generations = []
-    for row in validation.slice(0, cfg.num_generations).to_pylist():
-        sample = {"prompt": row["prompt"], "reference": row["response"], "tuned": generate(model, tokenizer, row["prompt"], cfg.max_new_tokens)}
+    for prompt, reference in sample_prompts(inputs["preprocess"] / "validation.parquet", tokenizer, cfg.num_generations):
+        sample = {"prompt": prompt, "reference": reference, "tuned": generate(model, tokenizer, prompt, cfg.max_new_tokens)}
         if base is not None:
-            sample["base"] = generate(base, tokenizer, row["prompt"], cfg.max_new_tokens)
+            sample["base"] = generate(base, tokenizer, prompt, cfg.max_new_tokens)
         generations.append(sample)
 
     passed = cfg.max_perplexity is None or (ppl is not None and ppl <= cfg.max_perplexity)

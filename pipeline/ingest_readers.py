@@ -8,7 +8,10 @@ Nothing is type-inferred: every value is text, so "007" stays "007".
 
 from __future__ import annotations
 
+import contextlib
 import json
+import queue
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -348,6 +351,52 @@ def _csv_batches(raw, name: str, header: list[str], delimiter: str, block_size: 
         raise
 
 
+_END = object()
+
+
+def prefetched(items: Iterator, depth: int = 2) -> Iterator:
+    """`items`, produced on a background thread up to `depth` ahead.
+
+    pyarrow's CSV parser releases the GIL, so the next block is parsed while this thread checks
+    and converts the current one. The parser itself must stay serial (only then does it number
+    invalid records), so this is the parallelism there is on the read side.
+    """
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((_END, None))
+        except BaseException as error:  # handed to the consumer, raised there
+            put((_END, error))
+
+    thread = threading.Thread(target=produce, name="csv-parse", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = slots.get()
+            if item is _END:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
 def read_csv(source: InputFile, header: Header, *, rename: dict[str, str], policy: str, block_size: int,
              cursor: Cursor) -> Iterator[Chunk]:
     if header.columns is None:  # an empty file
@@ -356,8 +405,10 @@ def read_csv(source: InputFile, header: Header, *, rename: dict[str, str], polic
     counter = _LineCounter(header.lines)
     cursor.line = counter.line
     delimiter = "\t" if source.format == "tsv" else ","
-    with source.open_for_arrow() as raw:
-        for batch in _csv_batches(raw, source.name, header.columns, delimiter, block_size, invalid):
+    with source.open_for_arrow() as raw, contextlib.closing(
+        prefetched(_csv_batches(raw, source.name, header.columns, delimiter, block_size, invalid))
+    ) as batches:
+        for batch in batches:
             if invalid and not counter.after(batch, invalid[0]):
                 starts, rejects = counter.place(_row_spans(batch), invalid)
                 lines = lambda starts=starts: starts

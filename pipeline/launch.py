@@ -48,6 +48,11 @@ def _die_with_parent() -> None:
 
 
 def run(model: ModelConfig, train: TrainConfig, *, inputs: dict[str, Path], out: Path, scratch: Path) -> dict:
+    task = json.loads((inputs["tokenize"] / "meta.json").read_text()).get("task", "causal_lm")
+    if task != "causal_lm":
+        # The data stages already produce classification and seq2seq arrays; the trainer's
+        # heads and losses for them are the training milestone's work.
+        raise NotImplementedError(f"train: task '{task}' is tokenized, but the trainer supports only causal_lm so far")
     scratch.mkdir(parents=True, exist_ok=True)
     config_file = scratch / "train_config.json"
     config_file.write_text(json.dumps({"model": model.model_dump(mode="json"), "train": train.model_dump(mode="json")}, indent=2))

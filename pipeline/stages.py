@@ -54,7 +54,7 @@ STAGES: dict[str, Stage] = {
             "pipeline.tokenize",
             ("tokenize", "model", "row_spec"),
             ("preprocess",),
-            ("pipeline.text_tokenizer",),
+            ("pipeline.text_tokenizer", "pipeline.packing"),
             has_content=True,
         ),
         Stage(

@@ -1,24 +1,31 @@
-"""Tokenize stage: tokenize the preprocessed splits and pack them into fixed-size blocks.
+"""Tokenize stage: tokenize the preprocessed splits and lay them out for the trainer.
 
-Run through the pipeline (`tunepipe run examples/quickstart.yaml`) or directly:
+Run through the pipeline (`tunepipe stage tokenize examples/quickstart.yaml`) or directly:
 
-    run(cfg.tokenize, cfg.model, inputs={"preprocess": Path("runs/preprocess/<fp>")}, out=out, scratch=tmp)
+    run(cfg.tokenize, cfg.model, cfg.row_spec, inputs={"preprocess": Path("runs/preprocess/<fp>")}, out=out, scratch=tmp)
 
-Writes:
-    tokenizer/                      the tokenizer, loadable with AutoTokenizer.from_pretrained
-    <split>/input_ids.npy           int32 [blocks, block_size]; np.load(..., mmap_mode="r")
-    <split>/labels.npy              int32 [blocks, block_size]; -100 where no loss is taken;
-                                    aligned with input_ids (the model shifts them, as in HF)
-    meta.json                       block size, vocab size, pad/eos ids and per-split counts
+Writes `tokenizer/` (AutoTokenizer-loadable, with its chat template for chat data), `meta.json`
+(block_size, packing, task, vocab_size, pad_id, eos_id, per-split stats, label_names) and, per
+split (train, validation, test; a missing split file is an empty split):
 
-Every example becomes prompt + response + eos; a split's examples are concatenated in order
-and cut into blocks ("concat" packing), so no token is truncated and only the last block pads.
+    causal_lm, packing concat   input_ids.npy, labels.npy              int32 [rows, block_size]
+    causal_lm, packing bins     + position_ids.npy                     int32 [rows, block_size]
+    causal_lm, packing none     input_ids.npy, labels.npy flat int32, offsets.npy int64 [examples + 1]
+    classification              input_ids.npy flat, offsets.npy, class_ids.npy int64 [examples]
+    seq2seq                     input_ids.npy, offsets.npy (source), target_ids.npy, target_offsets.npy
+
+Labels are aligned with input_ids (the model shifts them, as in HF); -100 takes no loss.
+A causal example is prompt + response + eos, the prompt labelled -100 with `mask_prompt`; a chat
+example is the conversation rendered by the chat template (no eos added: the template's own
+end-of-turn marker ends it), only assistant turns and their end markers labelled.
+
+Speed: texts go to the Rust tokenizer in large batches (`text_tokenizer.encode_flat`), which
+encodes them on all cores; everything after that is whole-array numpy, no per-token Python.
 """
 
 from __future__ import annotations
 
 import json
-from itertools import chain
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,104 +33,248 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.artifacts import sha256_file
-from pipeline.config import ModelConfig, TokenizeConfig
-from pipeline.text_tokenizer import build_tokenizer, tokenizer_source_files
+from pipeline.config import ModelConfig, RowSpec, TokenizeConfig
+from pipeline.packing import IGNORE_INDEX, Ragged, concatenate, interleave, offsets_of, pack_bins, pack_concat, select, truncate
+from pipeline.text_tokenizer import (
+    build_tokenizer,
+    chat_examples,
+    encode_flat,
+    fast_encoder,
+    set_tokenizer_threads,
+    tokenizer_source_files,
+)
 
-SPLITS = ("train", "validation")
-IGNORE_INDEX = -100
-"""The label torch's cross-entropy skips."""
+SPLITS = ("train", "validation", "test")
+ENCODE_ROWS = 8192
+"""Rows read and encoded per batch at least: large batches keep the Rust thread pool busy and
+amortise the per-call cost; memory per batch stays a few MB."""
 
 
-def content_fingerprint(cfg: TokenizeConfig, model: ModelConfig) -> Any:
+def content_fingerprint(cfg: TokenizeConfig, model: ModelConfig, spec: RowSpec) -> Any:
     # A pretrained tokenizer is outside our inputs: hash its files so an edited or re-downloaded
-    # tokenizer never reuses tokens made by the old one. A scratch tokenizer is a function of the
-    # preprocess output, which the parent fingerprint already covers.
+    # tokenizer (or its chat template) never reuses tokens made by the old one. A scratch tokenizer
+    # is a function of the preprocess output, which the parent fingerprint already covers.
     files = tokenizer_source_files(model)
     if files is None:
         return None
     return {f.name: sha256_file(f) for f in files}
 
 
-def iter_columns(path: Path, columns: list[str], batch_size: int) -> Iterator[list[list[str]]]:
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns):
-        yield [batch.column(c).to_pylist() for c in columns]
+# ---------------------------------------------------------------- reading
 
 
-def tokenize_split(path: Path, tokenizer, cfg: TokenizeConfig) -> tuple[np.ndarray, np.ndarray, int]:
-    """The split as one token stream: (input_ids, labels, examples), both arrays int32 and 1-D."""
-    eos = [tokenizer.eos_token_id]
-    id_parts, label_parts, examples = [], [], 0
-    for prompts, responses in iter_columns(path, ["prompt", "response"], cfg.batch_size):
-        prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
-        # Per example: [prompt, response, eos] lengths, flattened in stream order.
-        lengths = np.array([(len(p), len(r), 1) for p, r in zip(prompt_ids, response_ids)], dtype=np.int64).reshape(-1)
-        pieces = chain.from_iterable((p, r, eos) for p, r in zip(prompt_ids, response_ids))
-        ids = np.fromiter(chain.from_iterable(pieces), dtype=np.int32, count=int(lengths.sum()))
-        labels = ids.copy()
-        if cfg.mask_prompt:
-            is_prompt = np.repeat(np.tile([True, False, False], len(prompts)), lengths)
-            labels[is_prompt] = IGNORE_INDEX
-        id_parts.append(ids)
-        label_parts.append(labels)
-        examples += len(prompts)
-    if not id_parts:
-        return np.zeros(0, np.int32), np.zeros(0, np.int32), 0
-    return np.concatenate(id_parts), np.concatenate(label_parts), examples
+def iter_columns(path: Path, columns: list[str], rows: int) -> Iterator[tuple[int, list[list]]]:
+    """(first row, [column values]) batches of a split file; a missing file is an empty split."""
+    if not path.exists():
+        return
+    file = pq.ParquetFile(path)
+    missing = [c for c in columns if c not in file.schema_arrow.names]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; has {file.schema_arrow.names}")
+    first = 0
+    for batch in file.iter_batches(batch_size=rows, columns=columns):
+        yield first, [batch.column(c).to_pylist() for c in columns]
+        first += batch.num_rows
 
 
-def pack_into_blocks(ids: np.ndarray, labels: np.ndarray, block_size: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cut a stream into [blocks, block_size]; the last partial block is padded and its padding carries no loss."""
-    blocks = -(-len(ids) // block_size)
-    padding = blocks * block_size - len(ids)
-    ids = np.concatenate([ids, np.full(padding, pad_id, np.int32)])
-    labels = np.concatenate([labels, np.full(padding, IGNORE_INDEX, np.int32)])
-    return ids.reshape(blocks, block_size), labels.reshape(blocks, block_size)
+def read_column(path: Path, column: str) -> list:
+    return [v for _, (values,) in iter_columns(path, [column], 1 << 16) for v in values]
 
 
-def train_texts(path: Path, batch_size: int) -> Iterator[str]:
-    for (texts,) in iter_columns(path, ["text"], batch_size):
+# ---------------------------------------------------------------- tokenizing, per task
+
+
+def causal_examples(path: Path, encoder, eos_id: int, cfg: TokenizeConfig) -> Ragged:
+    """prompt + response + eos per row; prompt labels -100 when cfg.mask_prompt."""
+    pieces = []
+    for _, (prompts, responses) in iter_columns(path, ["prompt", "response"], max(cfg.batch_size, ENCODE_ROWS)):
+        prompt = encode_flat(encoder, prompts)
+        response = encode_flat(encoder, responses)
+        ends = (np.full(len(prompts), eos_id, np.int32), np.ones(len(prompts), np.int64))
+        ids, offsets, part = interleave([prompt, response, ends])
+        labels = np.where(part == 0, IGNORE_INDEX, ids).astype(np.int32) if cfg.mask_prompt else ids.copy()
+        pieces.append(Ragged(ids, labels, offsets))
+    return concatenate(pieces)
+
+
+def chat_split(path: Path, tokenizer, encoder, cfg: TokenizeConfig) -> Ragged:
+    pieces = []
+    for first, (messages,) in iter_columns(path, ["messages"], cfg.batch_size):
+        conversations = [json.loads(m) for m in messages]
+        ids, labels, lengths = chat_examples(tokenizer, encoder, conversations, cfg.mask_prompt, first)
+        pieces.append(Ragged(ids, labels, offsets_of(lengths)))
+    return concatenate(pieces)
+
+
+def text_examples(path: Path, column: str, encoder, cfg: TokenizeConfig, eos_id: int | None = None) -> Ragged:
+    """One column's texts (+ eos when given). Labels are the ids: these tasks carry no token labels."""
+    pieces = []
+    for _, (texts,) in iter_columns(path, [column], max(cfg.batch_size, ENCODE_ROWS)):
+        parts = [encode_flat(encoder, texts)]
+        if eos_id is not None:
+            parts.append((np.full(len(texts), eos_id, np.int32), np.ones(len(texts), np.int64)))
+        ids, offsets, _ = interleave(parts)
+        pieces.append(Ragged(ids, ids, offsets))
+    return concatenate(pieces)
+
+
+def label_names_of(source: Path) -> list[str]:
+    """Sorted labels of the train split; a validation/test label missing from train is an error
+    (the model would have no output for it), raised before any tokenizing."""
+    names = sorted(set(read_column(source / "train.parquet", "label")))
+    for split in SPLITS[1:]:
+        unseen = sorted(set(read_column(source / f"{split}.parquet", "label")) - set(names))
+        if unseen:
+            raise ValueError(f"{split} split has label(s) never seen in train: {unseen}; train has {names}")
+    return names
+
+
+# ---------------------------------------------------------------- writing, per layout
+
+
+def _stats(examples: int, tokens: int, label_tokens: int, rows: int, slots: int, truncated=0, dropped=0, basis="rows x block_size") -> dict:
+    return {
+        "examples": examples,
+        "tokens": tokens,
+        "label_tokens": label_tokens,
+        "rows": rows,
+        "truncated": truncated,
+        "dropped": dropped,
+        # Real tokens over the slots the trainer feeds: rows x block_size for packed blocks.
+        # Unpacked examples are padded per batch, which is unknowable here, so they are measured
+        # against padding every example to block_size (`padding="max_length"`).
+        "slots": slots,
+        "utilisation": round(tokens / slots, 4) if slots else 0.0,
+        "utilisation_basis": basis,
+    }
+
+
+def _learned(examples: Ragged) -> int:
+    return int(np.count_nonzero(examples.labels != IGNORE_INDEX))
+
+
+def write_causal(folder: Path, examples: Ragged, cfg: TokenizeConfig, pad_id: int) -> dict:
+    if cfg.packing == "concat":  # nothing truncated: long examples just span rows
+        ids, labels = pack_concat(examples, cfg.block_size, pad_id)
+        np.save(folder / "input_ids.npy", ids)
+        np.save(folder / "labels.npy", labels)
+        return _stats(len(examples), len(examples.ids), _learned(examples), len(ids), ids.size)
+    cut = truncate(examples, cfg.block_size, cfg.truncation)
+    kept = cut.kept
+    if cfg.packing == "bins":
+        ids, labels, positions = pack_bins(kept, cfg.block_size, pad_id)
+        np.save(folder / "input_ids.npy", ids)
+        np.save(folder / "labels.npy", labels)
+        np.save(folder / "position_ids.npy", positions)
+        return _stats(len(kept), len(kept.ids), _learned(kept), len(ids), ids.size, cut.truncated, cut.dropped)
+    np.save(folder / "input_ids.npy", kept.ids)
+    np.save(folder / "labels.npy", kept.labels)
+    np.save(folder / "offsets.npy", kept.offsets)
+    slots = len(kept) * cfg.block_size
+    return _stats(len(kept), len(kept.ids), _learned(kept), len(kept), slots, cut.truncated, cut.dropped, "examples x block_size")
+
+
+def _cut(examples: Ragged, too_long: np.ndarray, cfg: TokenizeConfig) -> Ragged:
+    """Truncate, or with `drop` remove the examples flagged too_long (a decision that can span
+    several columns: a seq2seq pair goes as a whole)."""
+    if cfg.truncation == "drop":
+        return select(examples, ~too_long)
+    return truncate(examples, cfg.block_size, cfg.truncation).kept
+
+
+def _cut_counts(too_long: np.ndarray, cfg: TokenizeConfig) -> tuple[int, int]:
+    count = int(too_long.sum())
+    return (0, count) if cfg.truncation == "drop" else (count, 0)
+
+
+def write_classification(folder: Path, texts: Ragged, class_ids: np.ndarray, cfg: TokenizeConfig) -> dict:
+    too_long = texts.lengths > cfg.block_size
+    kept = _cut(texts, too_long, cfg)
+    if cfg.truncation == "drop":
+        class_ids = class_ids[~too_long]
+    np.save(folder / "input_ids.npy", kept.ids)
+    np.save(folder / "offsets.npy", kept.offsets)
+    np.save(folder / "class_ids.npy", class_ids.astype(np.int64))
+    n = len(kept)  # label_tokens: one label per example
+    return _stats(n, len(kept.ids), n, n, n * cfg.block_size, *_cut_counts(too_long, cfg), "examples x block_size")
+
+
+def write_seq2seq(folder: Path, source: Ragged, target: Ragged, cfg: TokenizeConfig) -> dict:
+    too_long = (source.lengths > cfg.block_size) | (target.lengths > cfg.block_size)
+    source, target = _cut(source, too_long, cfg), _cut(target, too_long, cfg)
+    np.save(folder / "input_ids.npy", source.ids)
+    np.save(folder / "offsets.npy", source.offsets)
+    np.save(folder / "target_ids.npy", target.ids)
+    np.save(folder / "target_offsets.npy", target.offsets)
+    n, tokens = len(source), len(source.ids) + len(target.ids)
+    # label_tokens: the target tokens, the ones a seq2seq loss is taken on.
+    return _stats(n, tokens, len(target.ids), n, 2 * n * cfg.block_size, *_cut_counts(too_long, cfg), "examples x 2 x block_size")
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def tokenize_split(path: Path, folder: Path, cfg: TokenizeConfig, spec: RowSpec, tokenizer, encoder, label_names) -> dict:
+    """Tokenize one split file (missing: empty) into `folder` in the task's layout; its stats."""
+    if spec.task == "classification":
+        class_of = {name: i for i, name in enumerate(label_names)}
+        class_ids = np.array([class_of[v] for v in read_column(path, "label")], np.int64).reshape(-1)
+        return write_classification(folder, text_examples(path, "text", encoder, cfg), class_ids, cfg)
+    if spec.task == "seq2seq":
+        source = text_examples(path, "source", encoder, cfg)
+        target = text_examples(path, "target", encoder, cfg, tokenizer.eos_token_id)
+        return write_seq2seq(folder, source, target, cfg)
+    if spec.template == "chat":
+        examples = chat_split(path, tokenizer, encoder, cfg)
+    else:  # prompt_response, instruction and text all arrive as prompt + response
+        examples = causal_examples(path, encoder, tokenizer.eos_token_id, cfg)
+    return write_causal(folder, examples, cfg, tokenizer.pad_token_id)
+
+
+def train_texts(path: Path, rows: int) -> Iterator[str]:
+    for _, (texts,) in iter_columns(path, ["text"], rows):
         yield from texts
 
 
-def run(cfg: TokenizeConfig, model: ModelConfig, *, inputs: dict[str, Path], out: Path, scratch: Path) -> dict:
+def run(cfg: TokenizeConfig, model: ModelConfig, spec: RowSpec, *, inputs: dict[str, Path], out: Path, scratch: Path) -> dict:
     source = Path(inputs["preprocess"])
+    set_tokenizer_threads(cfg.num_threads)
+    chat = spec.task == "causal_lm" and spec.template == "chat"
+    label_names = label_names_of(source) if spec.task == "classification" else None
     # Scratch tokenizers learn from the train split only, so validation stays unseen.
-    tokenizer = build_tokenizer(model, cfg, train_texts(source / "train.parquet", cfg.batch_size))
+    tokenizer = build_tokenizer(model, cfg, train_texts(source / "train.parquet", cfg.batch_size), chat=chat)
     tokenizer.save_pretrained(out / "tokenizer")
+    encoder = fast_encoder(tokenizer)
 
     splits = {}
     for split in SPLITS:
-        ids, labels, examples = tokenize_split(source / f"{split}.parquet", tokenizer, cfg)
-        if split == "train" and len(ids) == 0:
-            raise ValueError(f"{source / 'train.parquet'}: the train split has no tokens (no rows survived sampling?)")
-        # Any token at all gives at least one (padded) block, so a non-empty validation split is never lost.
-        block_ids, block_labels = pack_into_blocks(ids, labels, cfg.block_size, tokenizer.pad_token_id)
+        path = source / f"{split}.parquet"
         (out / split).mkdir()
-        np.save(out / split / "input_ids.npy", block_ids)
-        np.save(out / split / "labels.npy", block_labels)
-        splits[split] = {
-            "blocks": len(block_ids),
-            "tokens": len(ids),
-            "label_tokens": int((labels != IGNORE_INDEX).sum()),
-            "examples": examples,
-        }
+        splits[split] = tokenize_split(path, out / split, cfg, spec, tokenizer, encoder, label_names)
+        if split == "train" and splits[split]["tokens"] == 0:
+            raise ValueError(f"{path}: the train split has no tokens (no rows survived sampling?)")
 
+    packing = cfg.packing if spec.task == "causal_lm" else "none"  # classification and seq2seq are never packed
     meta = {
+        "task": spec.task,
+        "packing": packing,
         "block_size": cfg.block_size,
         "vocab_size": len(tokenizer),
         "pad_id": tokenizer.pad_token_id,
         "eos_id": tokenizer.eos_token_id,
         "splits": splits,
     }
+    if label_names is not None:
+        meta["label_names"] = label_names
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
-    tokens = sum(s["tokens"] for s in splits.values())
-    blocks = sum(s["blocks"] for s in splits.values())
-    return {
-        "tokens": tokens,
-        "train_blocks": splits["train"]["blocks"],
-        "validation_blocks": splits["validation"]["blocks"],
-        "utilisation": round(tokens / (blocks * cfg.block_size), 4),
-        "examples": sum(s["examples"] for s in splits.values()),
-        "truncated": 0,  # concat packing never truncates; the key stays for other packing modes
-    }
+    return summarise(splits, packing)
+
+
+def summarise(splits: dict[str, dict], packing: str) -> dict:
+    total = lambda key: sum(s[key] for s in splits.values())  # noqa: E731
+    slots = total("slots")
+    stats = {"packing": packing, **{k: total(k) for k in ("examples", "tokens", "label_tokens", "truncated", "dropped")}}
+    stats.update({f"{split}_rows": s["rows"] for split, s in splits.items()})
+    stats["utilisation"] = round(stats["tokens"] / slots, 4) if slots else 0.0
+    stats["splits"] = splits
+    return stats

@@ -1,7 +1,8 @@
 """Fine-tune a causal LM on the pre-packed blocks of a committed tokenize output.
 
 One readable recipe: setup -> train (save_checkpoint every N steps) -> save the final model.
-It never tokenizes: it memory-maps the blocks the tokenize stage committed. Run it alone or
+It never tokenizes: it memory-maps the rows the tokenize stage committed (packed blocks, or
+examples padded per batch; `data_loader.open_split` picks the layout). Run it alone or
 under torchrun; the pipeline's train stage launches it exactly like this:
 
     torchrun --standalone --nproc_per_node 2 -m pipeline.train \
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from pipeline import distributed
 from pipeline.checkpoint import load_checkpoint, newest_complete_checkpoint, save_checkpoint
 from pipeline.config import TrainConfig, load_config
-from pipeline.data_loader import PackedBlocks, micro_batch_ids, sample_ids
+from pipeline.data_loader import micro_batch_ids, open_split, sample_ids
 from pipeline.modeling import build_model, count_parameters
 
 
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = json.loads((tokenized / "meta.json").read_text())
 
     # ---- setup
-    blocks = PackedBlocks(tokenized / "train")
+    blocks = open_split(tokenized / "train")
     model = build_model(cfg.model, meta["vocab_size"], meta["block_size"], meta["eos_id"], meta["pad_id"], tcfg.seed)
     model.to(info.device).train()
     trainable, total = count_parameters(model)
@@ -119,21 +120,26 @@ def main(argv: list[str] | None = None) -> int:
     t0, tokens_this_run = time.perf_counter(), 0
     for step in range(start_step, tcfg.max_steps):
         torch.manual_seed(step_seed(tcfg.seed, step, info.rank))
-        micro_batches = []
+        micro_batches, local_real = [], 0
         for m in range(tcfg.grad_accum_steps):
             start, count = micro_batch_ids(samples_seen, m, tcfg.micro_batch_size, info.rank, info.world_size)
-            micro_batches.append(blocks.batch(sample_ids(start, count, len(blocks), tcfg.seed)))
+            rows = sample_ids(start, count, len(blocks), tcfg.seed)
+            micro_batches.append(blocks.batch(rows))
+            local_real += blocks.real_tokens(rows)  # throughput counts tokens, not padding
         # Normalise by the label tokens of the whole global step, so every token weighs the
         # same whatever the accumulation, world size or prompt masking.
-        local_targets = sum(int((y[:, 1:] != -100).sum()) for _, y in micro_batches)
-        global_targets = distributed.all_reduce_sum(torch.tensor(float(local_targets)), info).item()
+        local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+        # float64: token counts stay exact far beyond float32's 2^24.
+        counts = distributed.all_reduce_sum(torch.tensor([local_targets, local_real], dtype=torch.float64), info)
+        global_targets, global_real = counts[0].item(), int(counts[1].item())
         scale = info.world_size / max(1.0, global_targets)  # DDP averages gradients over ranks
 
         loss_sum = torch.zeros((), dtype=torch.float64)
-        for m, (x, y) in enumerate(micro_batches):
-            x, y = x.to(info.device), y.to(info.device)
+        for m, batch in enumerate(micro_batches):
+            batch = {k: v.to(info.device) for k, v in batch.items()}
+            y = batch.pop("labels")  # the loss is ours (summed, normalised per step), not the model's
             with distributed.no_grad_sync(ddp_model, sync=m == len(micro_batches) - 1), autocast_context(tcfg, info.device):
-                logits = ddp_model(input_ids=x, attention_mask=torch.ones_like(x)).logits
+                logits = ddp_model(**batch).logits
                 token_loss = F.cross_entropy(
                     logits[:, :-1].flatten(0, 1).float(), y[:, 1:].flatten(), ignore_index=-100, reduction="sum"
                 )
@@ -145,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         samples_seen += global_batch
-        tokens_this_run += global_batch * blocks.block_size
+        tokens_this_run += global_real
 
         step_loss = distributed.all_reduce_sum(loss_sum, info).item() / max(1.0, global_targets)
         history.append({"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm)})
