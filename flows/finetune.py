@@ -10,6 +10,7 @@ deleting an output folder (or the registry version) makes the stage run again.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from prefect import flow, task
 from prefect.context import TaskRunContext
@@ -25,7 +26,10 @@ def _cache_key(context: TaskRunContext, parameters: dict) -> str | None:
     done = StageOutput(workdir, name, fp).committed()
     if done is None or not stages.still_valid(stages.STAGES[name], done):
         return None  # no key: Prefect runs the task, and materialize rebuilds the output
-    return f"tunepipe-{name}-{fp}"
+    # The workdir is part of the key: Prefect's result store outlives any one workdir, and a hit
+    # recorded for another workdir would hand back paths that are not this run's.
+    where = artifacts.hash_json(str(Path(workdir).resolve()) if not artifacts.is_remote(workdir) else workdir)[:12]
+    return f"tunepipe-{name}-{fp}-{where}"
 
 
 def _run_stage(name: str, fingerprint: str, cfg: PipelineConfig, parents: dict, workdir: str) -> StageResult:
@@ -57,7 +61,9 @@ def finetune(cfg: PipelineConfig, workdir: str = "runs", until: str | None = Non
         state = STAGE_TASKS[name](name, fp, cfg, parents, workdir, return_state=True)
         result: StageResult = state.result()
         if state.name == "Cached":
-            result = StageResult(name, "cached", fp, time.perf_counter() - start, result.output, result.stats)
+            # Report the committed output itself, not the stored result that pointed at it.
+            done = StageOutput(workdir, name, fp).committed()
+            result = StageResult(name, "cached", fp, time.perf_counter() - start, done.url, done.stats)
         results[name] = result
         print(f"[{name}] {result.status} in {result.seconds:.1f}s -> {result.output}")
         if name == until:

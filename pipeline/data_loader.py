@@ -68,9 +68,10 @@ class PackedBlocks:
 class BinnedBlocks(PackedBlocks):
     """`bins` packing: whole examples per block, positions restarting at 0 for each example.
 
-    position_ids restart per example, but attention is still causal over the whole block: an
-    example can attend to the earlier examples in its block unless the model's attention
-    derives example boundaries from position_ids (flash-attention-2 varlen in HF does).
+    transformers 5 reads restarting position_ids as example boundaries and masks attention
+    between examples (block-diagonal causal mask on sdpa/eager, varlen on flash-attention), as
+    long as no attention_mask and no KV cache are passed: the trainer calls with use_cache=False.
+    Models that ignore position_ids this way still see earlier examples of their block.
     """
 
     def __init__(self, folder: str | Path, meta: dict | None = None):

@@ -33,7 +33,7 @@ def perplexity(model, blocks, max_batches: int) -> tuple[float, int]:
         ids = range(b * _EVAL_BATCH, min(len(blocks), (b + 1) * _EVAL_BATCH))
         batch = blocks.batch(list(ids))
         y = batch.pop("labels")
-        logits = model(**batch).logits
+        logits = model(**batch, use_cache=False).logits  # see train.py: isolates packed examples
         total_loss += F.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), y[:, 1:].flatten(), ignore_index=-100, reduction="sum"
         ).item()

@@ -139,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             batch = {k: v.to(info.device) for k, v in batch.items()}
             y = batch.pop("labels")  # the loss is ours (summed, normalised per step), not the model's
             with distributed.no_grad_sync(ddp_model, sync=m == len(micro_batches) - 1), autocast_context(tcfg, info.device):
-                logits = ddp_model(**batch).logits
+                # use_cache=False: no KV cache is wanted in training, and without one transformers
+                # reads restarting position_ids (bins packing) as separate documents and masks
+                # attention between them, on sdpa and eager too, not only flash-attention varlen.
+                logits = ddp_model(**batch, use_cache=False).logits
                 token_loss = F.cross_entropy(
                     logits[:, :-1].flatten(0, 1).float(), y[:, 1:].flatten(), ignore_index=-100, reduction="sum"
                 )

@@ -49,6 +49,9 @@ def test_flow_runs_caches_and_republishes_a_deleted_version(prefect_server, tmp_
     second = finetune(cfg, workdir=workdir)
     assert set(statuses(second).values()) == {"cached"}
     assert [r.fingerprint for r in second] == [r.fingerprint for r in first]
+    # Prefect's result store is shared by every workdir (and test session): a hit must still
+    # report this workdir's outputs, never the paths another run stored.
+    assert [r.output for r in second] == [r.output for r in first]
 
     # A cache hit is honoured only while the committed output exists.
     shutil.rmtree(version_url)

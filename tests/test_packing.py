@@ -215,3 +215,22 @@ def test_trainer_runs_on_each_causal_layout(tmp_path, packing):
     assert stats["tokens_this_run"] == expected
     if packing == "none":
         assert expected == 3 * len(examples.ids)  # one epoch per step: every real token, no padding
+
+
+def test_bins_examples_do_not_attend_to_each_other_in_the_trainers_forward():
+    """Position ids restarting inside a block isolate examples (transformers 5 builds a
+    block-diagonal causal mask from them) when called as the trainer calls: no attention mask, no
+    cache. The second example's logits must equal those of the example run alone."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=64, eos_token_id=0, bos_token_id=0)
+    model = GPT2LMHeadModel(config).eval()
+    first, second = torch.randint(0, 100, (1, 5)), torch.randint(0, 100, (1, 7))
+    packed = torch.cat([first, second], 1)
+    positions = torch.cat([torch.arange(5), torch.arange(7)]).unsqueeze(0)
+    with torch.no_grad():
+        alone = model(input_ids=second, use_cache=False).logits
+        isolated = model(input_ids=packed, position_ids=positions, use_cache=False).logits[:, 5:]
+    torch.testing.assert_close(isolated, alone, atol=1e-5, rtol=1e-5)
