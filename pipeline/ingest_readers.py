@@ -340,7 +340,10 @@ def _csv_batches(raw, name: str, header: list[str], delimiter: str, block_size: 
             raise SourceError(f"{name}: the header parses two ways: {reader.schema.names} (pyarrow), {header} (csv)")
         while True:
             try:
-                yield reader.read_next_batch()
+                batch = reader.read_next_batch()
+                # Taken here, on the parsing thread: from the consumer, tell() waits for the
+                # parser's read in flight to release the file.
+                yield batch, _tell(raw)
             except StopIteration:
                 return
     except pa.ArrowInvalid as e:
@@ -408,7 +411,8 @@ def read_csv(source: InputFile, header: Header, *, rename: dict[str, str], polic
     with source.open_for_arrow() as raw, contextlib.closing(
         prefetched(_csv_batches(raw, source.name, header.columns, delimiter, block_size, invalid))
     ) as batches:
-        for batch in batches:
+        position = 0
+        for batch, position in batches:
             if invalid and not counter.after(batch, invalid[0]):
                 starts, rejects = counter.place(_row_spans(batch), invalid)
                 lines = lambda starts=starts: starts
@@ -416,11 +420,11 @@ def read_csv(source: InputFile, header: Header, *, rename: dict[str, str], polic
                 first, rejects = counter.skip(batch), []
                 lines = lambda batch=batch, first=first: _starts(first, _row_spans(batch))
             cursor.line = counter.line  # where the next record starts: any error is at or after it
-            yield _csv_chunk(batch, lines, rejects, rename, policy, _tell(raw))
+            yield _csv_chunk(batch, lines, rejects, rename, policy, position)
         rejects = counter.drain(invalid, everything=True)  # invalid records after the last row
         if rejects:
             empty = pa.Table.from_arrays([string_array([])] * len(header.columns), names=header.columns)
-            yield Chunk(_rename(empty, rename), lambda: np.empty(0, np.int64), rejects, _tell(raw))
+            yield Chunk(_rename(empty, rename), lambda: np.empty(0, np.int64), rejects, position)
 
 
 def _csv_chunk(batch: pa.RecordBatch, lines: Callable[[], np.ndarray], rejects: list[Reject],

@@ -164,7 +164,7 @@ def resolve_sources(data: DataConfig) -> list[Source]:
             if key in seen:
                 continue
             seen.add(key)
-            version = str(info.get("ETag") or info.get("mtime") or info.get("LastModified") or "")
+            version = _version(info)
             fmt, compression = _format_of(p, data)
             sources.append(InputFile(fs, p, _display_name(fs, p), int(info["size"]), version, fmt, compression))
     return sources
@@ -240,6 +240,11 @@ def read_header(source: Source) -> Header:
 
 
 # sha256 per (file, size, version); the runner asks for the fingerprint more than once per run.
+def _version(info: dict[str, Any]) -> str:
+    """What changes whenever the bytes may have: the ETag on object stores, else the mtime."""
+    return str(info.get("ETag") or info.get("mtime") or info.get("LastModified") or "")
+
+
 _hash_cache: dict[tuple[str, int, str], str] = {}
 # Local mtimes have coarse (jiffy) resolution, so a file rewritten moments after it was hashed can
 # keep its size and mtime. Like git's "racily clean" rule, only cache hashes of files older than this.
@@ -259,7 +264,7 @@ def _hash(fs: fsspec.AbstractFileSystem, path: str, size: int, version: str) -> 
 
 def _hash_entry(fs: fsspec.AbstractFileSystem, path: str, name: str) -> dict[str, Any]:
     info = fs.info(path)
-    version = str(info.get("ETag") or info.get("mtime") or info.get("LastModified") or "")
+    version = _version(info)
     size = int(info["size"])
     return {"path": name, "sha256": _hash(fs, path, size, version), "bytes": size}
 
