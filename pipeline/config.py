@@ -207,8 +207,51 @@ class TrainConfig(Section):
     """Micro-batches accumulated per optimizer step. Global batch = micro_batch_size x grad_accum_steps x world size."""
     max_grad_norm: float = Field(1.0, gt=0.0)
     """Gradient clipping norm."""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """`auto`: bf16 autocast on a CUDA device that supports it, fp32 elsewhere."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """`auto`: bf16 on a CUDA device that supports it, fp32 elsewhere. `fp16` (CUDA only) adds dynamic loss scaling."""
+    gradient_checkpointing: bool = False
+    """Recompute block activations in the backward pass: less memory, about a third more compute."""
+
+    method: Literal["full", "freeze", "lora", "qlora", "prompt_tuning", "adapters"] = "full"
+    """What trains. `full`: every weight; `freeze`: the top `trainable_blocks` blocks and the head;
+    `lora` / `qlora` (4-bit base, CUDA + bitsandbytes): low-rank adapters (PEFT); `prompt_tuning`:
+    soft prompt vectors (PEFT); `adapters`: bottleneck adapters after each block (pipeline/bottleneck.py)."""
+    trainable_blocks: int = Field(2, ge=0)
+    """`freeze`: how many of the top transformer blocks train (with the head); embeddings stay frozen."""
+    layer_lr_decay: float = Field(1.0, gt=0.0, le=1.0)
+    """Layer-wise learning rates: block i of n trains at lr x decay^(n - i), embeddings at lr x decay^(n + 1). 1.0 = off."""
+    head_lr: float | None = Field(None, gt=0.0)
+    """Learning rate of the output head (LM head, classifier); default: `lr`."""
+    lora_r: int = Field(8, gt=0)
+    """LoRA rank."""
+    lora_alpha: int = Field(16, gt=0)
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+    lora_target_modules: list[str] | None = None
+    """Module names LoRA wraps; default: the attention projections of the architecture (PEFT's table, else a search)."""
+    num_virtual_tokens: int = Field(20, gt=0)
+    """`prompt_tuning`: soft prompt length."""
+    prompt_init_text: str | None = None
+    """`prompt_tuning`: initialise the soft prompt from this text's token embeddings (e.g. "Summarize the following"); default: random."""
+    adapter_size: int = Field(16, gt=0)
+    """`adapters`: bottleneck width of each adapter."""
+
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    """Data parallelism: `ddp` (torch DistributedDataParallel) or `deepspeed` (ZeRO, see deepspeed_config)."""
+    deepspeed_config: str = "zero2"
+    """`zero1`, `zero2`, `zero3`, `zero3_offload` (files in deepspeed_configs/) or a path to a JSON; its `auto` values are filled from this section."""
+
+    eval_every_steps: int | None = Field(None, gt=0)
+    """Validate every N steps (validation loss; accuracy for classification) and log it; default: never during training."""
+    early_stopping_patience: int | None = Field(None, gt=0)
+    """Stop when the validation metric has not improved for this many validations (needs eval_every_steps)."""
+    early_stopping_metric: Literal["eval_loss", "accuracy"] = "eval_loss"
+    """Validation metric early stopping watches (`accuracy`: classification only)."""
+    eval_batches: int = Field(20, gt=0)
+    """Validation batches (of micro_batch_size rows) scored at each validation during training."""
+    tensorboard: bool = True
+    """Write TensorBoard event files (loss, lr, grad norm, tokens/s, MFU on GPU) under the train output's `tensorboard/`."""
     save_every_steps: int = Field(50, gt=0)
     """Write a resumable checkpoint every N steps (and at the end)."""
     keep_last_checkpoints: int = Field(2, gt=0)
@@ -228,6 +271,10 @@ class EvaluateConfig(Section):
     """Tokens generated per sample prompt."""
     max_perplexity: float | None = Field(None, gt=0.0)
     """Evaluation gate: refuse to publish when validation perplexity is above this."""
+    min_accuracy: float | None = Field(None, ge=0.0, le=1.0)
+    """Evaluation gate (classification): refuse to publish when held-out accuracy is below this."""
+    min_rouge_l: float | None = Field(None, ge=0.0, le=1.0)
+    """Evaluation gate (seq2seq): refuse to publish when held-out ROUGE-L F1 is below this."""
 
 
 class RegistryConfig(Section):
@@ -283,6 +330,15 @@ class PipelineConfig(Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()
+
+    @model_validator(mode="after")
+    def _train_options_agree(self) -> "PipelineConfig":
+        t = self.train
+        if t.early_stopping_patience is not None and t.eval_every_steps is None:
+            raise ValueError("train.early_stopping_patience needs train.eval_every_steps (how often to validate)")
+        if t.early_stopping_metric == "accuracy" and self.task != "classification":
+            raise ValueError(f"train.early_stopping_metric 'accuracy' needs task classification (task is {self.task!r})")
+        return self
 
     @property
     def row_spec(self) -> RowSpec:
