@@ -52,6 +52,7 @@ STAGE_TASKS = {name: stage_task(name) for name in stages.ORDER}
 
 @flow(name="tunepipe-finetune", log_prints=True)
 def finetune(cfg: PipelineConfig, workdir: str = "runs", until: str | None = None) -> list[StageResult]:
+    stages.preflight(cfg, until)
     artifacts.use_s3_endpoint(cfg.data.s3_endpoint_url)
     results: dict[str, StageResult] = {}
     for name in stages.ORDER:

@@ -1,8 +1,9 @@
 """Resumable training checkpoints: written to a temporary folder, renamed, then marked complete.
 
-Layout: `<root>/step_00000040/` holding `trainer.pt` (model, optimizer, scheduler, step,
-samples_seen, loss history; written by rank 0), `rng_rank<R>.pt` (each rank's own RNG
-states) and `COMPLETE` (JSON, written last). A folder without `COMPLETE` is a save that was
+Layout: `<root>/step_00000040/` holding `trainer.pt` (step, samples_seen, loss history,
+early-stopping state; written by rank 0), whatever the replica writes for model and optimizer
+(`replica.pt` for DDP, DeepSpeed's per-rank shards for ZeRO), `rng_rank<R>.pt` (each rank's own
+RNG states) and `COMPLETE` (JSON, written last). A folder without `COMPLETE` is a save that was
 killed part-way: it is never loaded and is deleted on the next save. Only the newest
 `keep_last` complete checkpoints are kept; the newest complete one is never deleted.
 """
@@ -67,8 +68,8 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(root: str | Path, step: int, trainer_state: dict[str, Any], info: DistInfo, keep_last: int) -> Path:
-    """Collective: every rank calls it. Rank 0 owns the folder; each rank writes its RNG state."""
+def save_checkpoint(root: str | Path, step: int, trainer_state: dict[str, Any], replica, info: DistInfo, keep_last: int) -> Path:
+    """Collective: every rank calls it. Rank 0 owns the folder; every rank writes its own part."""
     root = Path(root)
     final = _step_dir(root, step)
     staging = root / f".tmp_{final.name}"
@@ -77,6 +78,7 @@ def save_checkpoint(root: str | Path, step: int, trainer_state: dict[str, Any], 
         staging.mkdir(parents=True)
     barrier(info)
     _atomic_torch_save(rng_state(), staging / f"rng_rank{info.rank}.pt")
+    replica.save(staging)
     if info.is_main:
         _atomic_torch_save(trainer_state, staging / "trainer.pt")
     barrier(info)
@@ -103,11 +105,19 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path, info: DistInfo) -> dict[str, Any]:
-    """Trainer state of a complete checkpoint; restores this rank's RNG when the world size matches."""
-    meta = json.loads((folder / MARKER).read_text())
+def checkpoint_world_size(folder: Path) -> int:
+    return json.loads((Path(folder) / MARKER).read_text())["world_size"]
+
+
+def load_checkpoint(folder: Path, replica, info: DistInfo) -> dict[str, Any]:
+    """Restore model and optimizer into `replica`; return the trainer state.
+
+    This rank's RNG is restored when the world size matches (at another world size there is no
+    "own" state to take; the trainer reseeds every step from (seed, step, rank) anyway).
+    """
+    replica.load(folder)
     state = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=False)
     rng_file = folder / f"rng_rank{info.rank}.pt"
-    if meta["world_size"] == info.world_size and rng_file.exists():
+    if checkpoint_world_size(folder) == info.world_size and rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return state

@@ -78,8 +78,8 @@ def _stat_summary(name: str, stats: dict) -> str:
         "sample": ["rows_in", "duplicates_removed", "near_duplicates_removed", "train", "validation", "test"],
         "preprocess": ["rows_in", "rows_out", "rows_rejected"],
         "tokenize": ["tokens", "train_rows", "truncated", "utilisation"],
-        "train": ["steps", "world_size", "final_loss", "tokens_per_s"],
-        "evaluate": ["perplexity", "gate_passed"],
+        "train": ["method", "steps", "world_size", "trainable_params", "final_loss", "tokens_per_s"],
+        "evaluate": ["perplexity", "accuracy", "macro_f1", "rouge_l", "gate_passed"],
         "publish": ["version"],
     }.get(name, [])
     # Per-split counts sit one level down (stats["splits"][split]["rows"]); show them flat.
@@ -159,10 +159,10 @@ def cmd_registry(args) -> int:
             print(f"no published versions under {args.registry}")
             return 0
         table_rows = [
-            [r["model"], r["version"], time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["created_unix"] or 0)), r["files"], f"{r['bytes'] / 1e6:.1f} MB", "" if r["perplexity"] is None else f"{r['perplexity']:.3f}", r["url"]]
+            [r["model"], r["version"], time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["created_unix"] or 0)), r["files"], f"{r['bytes'] / 1e6:.1f} MB", r["metric"], r["url"]]
             for r in rows
         ]
-        print(_table(table_rows, ["model", "version", "created (UTC)", "files", "size", "perplexity", "url"]))
+        print(_table(table_rows, ["model", "version", "created (UTC)", "files", "size", "metric", "url"]))
         return 0
     if args.registry_command == "verify":
         url = registry.version_url(args.registry, args.model, args.version)

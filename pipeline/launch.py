@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.metadata
+import importlib.util
 import json
 import os
 import signal
@@ -47,12 +48,49 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def preflight(model: ModelConfig, train: TrainConfig) -> None:
+    """Errors a run would otherwise hit only after the data stages: raised before any work."""
+    cuda = _cuda_available()
+    if train.precision == "fp16" and not cuda:
+        raise ValueError("train.precision fp16 needs a CUDA device (no fp16 kernels for training on CPU); use bf16 or fp32")
+    if train.method == "qlora":
+        if not cuda:
+            raise ValueError("train.method qlora needs a CUDA device and bitsandbytes (4-bit kernels); on CPU use lora")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("train.method qlora needs bitsandbytes: pip install bitsandbytes")
+        if model.init != "pretrained":
+            raise ValueError("train.method qlora quantises a pretrained base: set model.init: pretrained")
+    if train.strategy == "deepspeed":
+        from pipeline.deepspeed_engine import resolve_config
+
+        resolve_config(train.deepspeed_config, train, world_size=train.nproc_per_node, device_type="cuda" if cuda else "cpu")
+
+
+def _cuda_available() -> bool:
+    import torch  # the orchestrator imports torch but never torch.distributed
+
+    return torch.cuda.is_available()
+
+
+def _relay(proc: subprocess.Popen) -> list[str]:
+    """Copy the job's output through as it comes, \r included (a progress bar redraws in place);
+    keep the last 40 lines for the error message."""
+    tail, pending = [], b""
+    out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
+    while chunk := os.read(proc.stdout.fileno(), 65536):
+        if out is not None:
+            out.write(chunk)
+            out.flush()
+        else:
+            sys.stdout.write(chunk.decode("utf-8", "replace"))
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        tail = (tail + [line.decode("utf-8", "replace") + "\n" for line in lines])[-40:]
+    return tail + ([pending.decode("utf-8", "replace")] if pending else [])
+
+
 def run(model: ModelConfig, train: TrainConfig, *, inputs: dict[str, Path], out: Path, scratch: Path) -> dict:
-    task = json.loads((inputs["tokenize"] / "meta.json").read_text()).get("task", "causal_lm")
-    if task != "causal_lm":
-        # The data stages already produce classification and seq2seq arrays; the trainer's
-        # heads and losses for them are the training milestone's work.
-        raise NotImplementedError(f"train: task '{task}' is tokenized, but the trainer supports only causal_lm so far")
+    preflight(model, train)
     scratch.mkdir(parents=True, exist_ok=True)
     config_file = scratch / "train_config.json"
     config_file.write_text(json.dumps({"model": model.model_dump(mode="json"), "train": train.model_dump(mode="json")}, indent=2))
@@ -61,12 +99,11 @@ def run(model: ModelConfig, train: TrainConfig, *, inputs: dict[str, Path], out:
     cmd = torchrun_command(train.nproc_per_node, args)
     print("[train] " + " ".join(cmd), flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if sys.stdout.isatty():
+        env["TUNEPIPE_PROGRESS"] = "1"  # the job's stderr is a pipe; tell it a person is watching
     preexec = _die_with_parent if sys.platform.startswith("linux") else None
-    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, preexec_fn=preexec) as proc:
-        tail: list[str] = []
-        for line in proc.stdout:
-            print("[train] " + line, end="", flush=True)
-            tail = (tail + [line])[-40:]
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=preexec) as proc:
+        tail = _relay(proc)
         code = proc.wait()
     if code != 0:
         raise TrainingFailed(f"training exited with code {code}; last lines:\n" + "".join(tail))

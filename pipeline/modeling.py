@@ -1,37 +1,116 @@
-"""Build the model a run trains: a fresh GPT-2 of a given size, or a pretrained checkpoint."""
+"""Build the model a run trains, per task: fresh weights of a given size, or a pretrained checkpoint.
+
+    meta = json.loads((tokenized / "meta.json").read_text())
+    model = build_model(cfg.model, cfg.task, meta, cfg.train.seed, load_kwargs=base_load_kwargs(cfg.train))
+
+    task            scratch (model.init: scratch)           pretrained (model.init: pretrained, model.name)
+    causal_lm       GPT2LMHeadModel                         AutoModelForCausalLM
+    classification  GPT2ForSequenceClassification           AutoModelForSequenceClassification (GPT-2, BERT, ...)
+    seq2seq         T5ForConditionalGeneration (tiny)       AutoModelForSeq2SeqLM
+
+A classifier's label names (meta.json `label_names`, in class-id order) go into its config as
+id2label / label2id, so a saved model says what its outputs mean.
+"""
 
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 from pipeline.config import ModelConfig
 
+AUTO_CLASSES = {
+    "causal_lm": AutoModelForCausalLM,
+    "classification": AutoModelForSequenceClassification,
+    "seq2seq": AutoModelForSeq2SeqLM,
+}
+"""The transformers Auto class that loads a saved model of each task."""
 
-def build_model(cfg: ModelConfig, vocab_size: int, block_size: int, eos_id: int, pad_id: int, seed: int) -> PreTrainedModel:
-    """`scratch`: GPT-2 architecture at the configured size; `pretrained`: `cfg.name` (hub id or folder)."""
-    torch.manual_seed(seed)  # initial weights are a function of the seed alone
+
+def build_model(cfg: ModelConfig, task: str, meta: dict, seed: int, load_kwargs: dict | None = None) -> PreTrainedModel:
+    """`scratch`: the table's architecture at the configured size; `pretrained`: `cfg.name` (hub id or
+    folder), loaded with `load_kwargs` (e.g. a quantization_config). `meta` is the tokenize output's
+    meta.json: vocab_size, block_size, eos_id, pad_id (and label_names for classification).
+    Initial weights (and a pretrained model's new head) are a function of `seed` alone."""
+    if task not in AUTO_CLASSES:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(AUTO_CLASSES)}")
+    torch.manual_seed(seed)
     if cfg.init == "pretrained":
-        model = AutoModelForCausalLM.from_pretrained(cfg.name)
-        if model.get_input_embeddings().num_embeddings < vocab_size:
-            model.resize_token_embeddings(vocab_size)
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = pad_id
-        return model
-    config = GPT2Config(
-        vocab_size=vocab_size,
-        n_positions=block_size,
+        return _pretrained(cfg.name, task, meta, load_kwargs or {})
+    if task == "seq2seq":
+        return T5ForConditionalGeneration(_t5_config(cfg, meta))
+    if task == "classification":
+        return GPT2ForSequenceClassification(_gpt2_config(cfg, meta, **_label_maps(meta)))
+    return GPT2LMHeadModel(_gpt2_config(cfg, meta))
+
+
+def _label_maps(meta: dict) -> dict:
+    names = meta.get("label_names")
+    if not names or len(names) < 2:
+        # One class would make transformers treat the head as a regression (num_labels == 1).
+        raise ValueError(f"classification needs at least 2 labels in meta.json label_names, got {names!r}")
+    return {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
+
+
+def _gpt2_config(cfg: ModelConfig, meta: dict, **extra) -> GPT2Config:
+    return GPT2Config(
+        vocab_size=meta["vocab_size"],
+        n_positions=meta["block_size"],
         n_embd=cfg.n_embd,
         n_layer=cfg.n_layer,
         n_head=cfg.n_head,
         resid_pdrop=cfg.dropout,
         embd_pdrop=cfg.dropout,
         attn_pdrop=cfg.dropout,
-        bos_token_id=eos_id,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
+        bos_token_id=meta["eos_id"],
+        eos_token_id=meta["eos_id"],
+        # Also what GPT2ForSequenceClassification pools at: the last token that is not pad.
+        pad_token_id=meta["pad_id"],
+        **extra,
     )
-    return GPT2LMHeadModel(config)
+
+
+def _t5_config(cfg: ModelConfig, meta: dict) -> T5Config:
+    return T5Config(
+        vocab_size=meta["vocab_size"],
+        d_model=cfg.n_embd,
+        d_kv=cfg.n_embd // cfg.n_head,
+        d_ff=4 * cfg.n_embd,
+        num_layers=cfg.n_layer,  # encoder and decoder alike
+        num_heads=cfg.n_head,
+        dropout_rate=cfg.dropout,
+        pad_token_id=meta["pad_id"],
+        eos_token_id=meta["eos_id"],
+        # As in T5: the decoder starts from pad. The model shifts labels right itself and turns
+        # their -100 into pad, so targets need no start token of their own.
+        decoder_start_token_id=meta["pad_id"],
+    )
+
+
+def _pretrained(name: str, task: str, meta: dict, load_kwargs: dict) -> PreTrainedModel:
+    if task == "classification":
+        # ignore_mismatched_sizes: a checkpoint that already has a classifier with another number
+        # of classes gets a fresh head instead of a load error.
+        load_kwargs = {**_label_maps(meta), "num_labels": len(meta["label_names"]), "ignore_mismatched_sizes": True, **load_kwargs}
+    model = AUTO_CLASSES[task].from_pretrained(name, **load_kwargs)
+    if model.get_input_embeddings().num_embeddings < meta["vocab_size"]:
+        model.resize_token_embeddings(meta["vocab_size"])
+    if model.config.pad_token_id is None:
+        # GPT-2 has none; a GPT-2 classifier needs it to find each row's last real token.
+        model.config.pad_token_id = meta["pad_id"]
+    if task == "seq2seq" and getattr(model.config, "decoder_start_token_id", None) is None:
+        model.config.decoder_start_token_id = meta["pad_id"]
+    return model
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

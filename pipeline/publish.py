@@ -45,11 +45,11 @@ def lineage(start: list[Path]) -> dict[str, dict[str, Any]]:
 
 def run(registry: RegistryConfig, evaluate: EvaluateConfig, *, inputs: dict[str, Path], out: Path, scratch: Path) -> dict:
     metrics = json.loads((inputs["evaluate"] / "metrics.json").read_text())
-    if not metrics["gate"]["passed"]:
-        raise GateFailed(
-            f"evaluation gate: perplexity {metrics['perplexity']} is not <= evaluate.max_perplexity "
-            f"{evaluate.max_perplexity}; not publishing"
-        )
+    gate = metrics["gate"]
+    if not gate["passed"]:
+        # evaluate wrote one line per missed threshold, naming the metric, its value and the setting.
+        reasons = "; ".join(gate.get("failed") or [f"thresholds {gate.get('thresholds')}"])
+        raise GateFailed(f"evaluation gate ({metrics.get('task', 'causal_lm')}): {reasons}; not publishing")
     stages = lineage([inputs["evaluate"], inputs["train"]])
     source = {name: stages[name]["fingerprint"] for name in ("tokenize", "train", "evaluate")}
     version = registry.version or artifacts.hash_json({"source": source, "registry": registry.model_name})[:12]
@@ -68,7 +68,8 @@ def run(registry: RegistryConfig, evaluate: EvaluateConfig, *, inputs: dict[str,
     url, written = publish_version(bundle, registry.url, registry.model_name, version, source)
     shutil.rmtree(bundle, ignore_errors=True)
     (out / "published.json").write_text(json.dumps({"url": url, "version": version}, indent=2))
-    return {"version": version, "url": url, "newly_published": written, "perplexity": metrics["perplexity"]}
+    scores = {k: metrics[k] for k in ("perplexity", "accuracy", "macro_f1", "rouge_l") if k in metrics}
+    return {"version": version, "url": url, "newly_published": written, **scores}
 
 
 def still_valid(done: Artifact) -> bool:

@@ -65,6 +65,8 @@ def list_versions(registry: str) -> list[dict[str, Any]]:
                 "files": len(manifest.get("files", {})),
                 "bytes": sum(f["bytes"] for f in manifest.get("files", {}).values()),
                 "perplexity": metrics.get("perplexity"),
+                # The headline number of the version's task, for listings.
+                "metric": next((f"{k} {metrics[k]:.4g}" for k in ("perplexity", "accuracy", "rouge_l") if metrics.get(k) is not None), ""),
                 "url": folder if not artifacts.is_remote(registry) else registry.split("://")[0] + "://" + folder,
             }
         )

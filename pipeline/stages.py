@@ -62,10 +62,16 @@ STAGES: dict[str, Stage] = {
             "pipeline.launch",
             ("model", "train"),
             ("tokenize",),
-            ("pipeline.train", "pipeline.modeling", "pipeline.checkpoint", "pipeline.distributed", "pipeline.data_loader"),
+            (
+                "pipeline.train", "pipeline.modeling", "pipeline.checkpoint", "pipeline.distributed", "pipeline.data_loader",
+                "pipeline.methods", "pipeline.bottleneck", "pipeline.objectives", "pipeline.deepspeed_engine", "pipeline.observe",
+            ),
             has_content=True,
         ),
-        Stage("evaluate", "pipeline.evaluate", ("evaluate", "model"), ("preprocess", "tokenize", "train"), ("pipeline.data_loader",)),
+        Stage(
+            "evaluate", "pipeline.evaluate", ("evaluate", "model"), ("preprocess", "tokenize", "train"),
+            ("pipeline.data_loader", "pipeline.metrics", "pipeline.methods", "pipeline.bottleneck"),
+        ),
         Stage("publish", "pipeline.publish", ("registry", "evaluate"), ("tokenize", "train", "evaluate"), ("pipeline.registry",), has_external_output=True),
     ]
 }
@@ -177,6 +183,14 @@ def still_valid(stage: Stage, done: Artifact) -> bool:
     return stage.load().still_valid(done) if stage.has_external_output else True
 
 
+def preflight(cfg: PipelineConfig, until: str | None = None) -> None:
+    """Settings that cannot work on this machine fail here, before ingest reads a byte."""
+    if ORDER.index(until or ORDER[-1]) >= ORDER.index("train"):
+        from pipeline.launch import preflight as train_preflight
+
+        train_preflight(cfg.model, cfg.train)
+
+
 def run_stages(
     cfg: PipelineConfig,
     workdir: str,
@@ -184,6 +198,7 @@ def run_stages(
     log: Callable[[str], None] = print,
 ) -> list[StageResult]:
     """Run (or load) every stage in order up to and including `until`, without Prefect."""
+    preflight(cfg, until)
     artifacts.use_s3_endpoint(cfg.data.s3_endpoint_url)
     results: dict[str, StageResult] = {}
     for name in ORDER:

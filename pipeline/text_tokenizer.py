@@ -3,7 +3,7 @@
 A byte-level BPE trained on the train split (`model.init: scratch`) or the pretrained model's
 own (`model.init: pretrained`):
 
-    tokenizer = build_tokenizer(cfg.model, cfg.tokenize, train_texts, chat=False)
+    tokenizer = build_tokenizer(cfg.model, cfg.tokenize, train_texts, chat=False, task="causal_lm")
     encoder = fast_encoder(tokenizer)
     ids, lengths = encode_flat(encoder, ["some text", "more"])   # int32 flat, int64 per text
 
@@ -78,13 +78,16 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, special_tokens: 
 
 
 def build_tokenizer(
-    model: ModelConfig, tok: TokenizeConfig, train_texts: Iterable[str], chat: bool = False
+    model: ModelConfig, tok: TokenizeConfig, train_texts: Iterable[str], chat: bool = False, task: str = "causal_lm"
 ) -> PreTrainedTokenizerFast:
     """Train (scratch) or load (pretrained) the tokenizer; `train_texts` is only read for scratch.
 
     `chat`: the data is rendered with a chat template, which the returned tokenizer carries
     (`tok.chat_template`, else its own, else ChatML for a scratch tokenizer). A pretrained tokenizer
     without one is an error here, before any text is tokenized.
+
+    `task`: only `causal_lm` needs an eos token (it ends every example). Classification and seq2seq
+    accept a pretrained tokenizer without one (BERT's has [CLS]/[SEP] instead) but need a pad token.
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -103,9 +106,11 @@ def build_tokenizer(
     tokenizer = AutoTokenizer.from_pretrained(model.name)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"tokenizer of {model.name!r} is not a fast (Rust) tokenizer; tokenize needs one for speed and offsets")
-    if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer of {model.name!r} has no eos token; tokenize ends every example with one")
+    if tokenizer.eos_token_id is None and task == "causal_lm":
+        raise ValueError(f"tokenizer of {model.name!r} has no eos token; tokenize ends every causal LM example with one")
     if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"tokenizer of {model.name!r} has neither a pad nor an eos token; batches need one to pad with")
         # Padding only fills the tail of a block (or of a batch) and is masked from the loss,
         # so reusing eos is safe (the usual choice for GPT-2-style tokenizers).
         tokenizer.pad_token = tokenizer.eos_token
@@ -166,6 +171,25 @@ def fast_encoder(tokenizer: PreTrainedTokenizerFast) -> Tokenizer:
     encoder.no_truncation()
     encoder.no_padding()
     return encoder
+
+
+_PROBE = "probe text"
+
+
+def special_affixes(encoder: Tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer's post-processor puts before and after a single text: ([CLS], [SEP])
+    for BERT, ([], [</s>]) for T5, (<s>, </s>) for BART, nothing for GPT-2 or a scratch BPE.
+
+    Texts are encoded without them (fast, and truncation must cut the text, not the markers);
+    tokenize adds them back around each truncated text, which is what `tokenizer(text,
+    truncation=True, max_length=n)` gives. Found by encoding a probe text both ways.
+    """
+    plain = encoder.encode(_PROBE, add_special_tokens=False).ids
+    full = encoder.encode(_PROBE, add_special_tokens=True).ids
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start], full[start + len(plain) :]
+    raise ValueError(f"the tokenizer's special tokens do not wrap the text ({plain} became {full}); cannot tell where to add them")
 
 
 def encode_batch(encoder: Tokenizer, texts: list[str]) -> list:

@@ -18,6 +18,10 @@ Labels are aligned with input_ids (the model shifts them, as in HF); -100 takes 
 A causal example is prompt + response + eos, the prompt labelled -100 with `mask_prompt`; a chat
 example is the conversation rendered by the chat template (no eos added: the template's own
 end-of-turn marker ends it), only assistant turns and their end markers labelled.
+A classification text or seq2seq source carries the tokenizer's own special tokens, as
+`tokenizer(text)` would add them: [CLS] text [SEP] for BERT, text </s> for T5, none for GPT-2 or a
+scratch tokenizer. A seq2seq target gets them too, or eos where the tokenizer adds nothing at the
+end (the model must learn where to stop). Truncation cuts the text and keeps those markers.
 
 Speed: texts go to the Rust tokenizer in large batches (`text_tokenizer.encode_flat`), which
 encodes them on all cores; everything after that is whole-array numpy, no per-token Python.
@@ -41,10 +45,13 @@ from pipeline.text_tokenizer import (
     encode_flat,
     fast_encoder,
     set_tokenizer_threads,
+    special_affixes,
     tokenizer_source_files,
 )
 
 SPLITS = ("train", "validation", "test")
+NO_SPECIALS: tuple[list[int], list[int]] = ([], [])
+"""(ids before, ids after) each text: what a tokenizer without a post-processor adds."""
 ENCODE_ROWS = 8192
 """Rows read and encoded per batch at least: large batches keep the Rust thread pool busy and
 amortise the per-call cost; memory per batch stays a few MB."""
@@ -106,16 +113,24 @@ def chat_split(path: Path, tokenizer, encoder, cfg: TokenizeConfig) -> Ragged:
     return concatenate(pieces)
 
 
-def text_examples(path: Path, column: str, encoder, cfg: TokenizeConfig, eos_id: int | None = None) -> Ragged:
-    """One column's texts (+ eos when given). Labels are the ids: these tasks carry no token labels."""
+def text_examples(path: Path, column: str, encoder, cfg: TokenizeConfig) -> Ragged:
+    """One column's texts, no special tokens. Labels are the ids: these tasks carry no token labels."""
     pieces = []
     for _, (texts,) in iter_columns(path, [column], max(cfg.batch_size, ENCODE_ROWS)):
-        parts = [encode_flat(encoder, texts)]
-        if eos_id is not None:
-            parts.append((np.full(len(texts), eos_id, np.int32), np.ones(len(texts), np.int64)))
-        ids, offsets, _ = interleave(parts)
-        pieces.append(Ragged(ids, ids, offsets))
+        ids, lengths = encode_flat(encoder, texts)
+        pieces.append(Ragged(ids, ids, offsets_of(lengths)))
     return concatenate(pieces)
+
+
+def with_specials(examples: Ragged, specials: tuple[list[int], list[int]]) -> Ragged:
+    """Each example wrapped in (ids before, ids after)."""
+    before, after = specials
+    if not before and not after:
+        return examples
+    n = len(examples)
+    fixed = lambda ids: (np.tile(np.asarray(ids, np.int32), n), np.full(n, len(ids), np.int64))  # noqa: E731
+    ids, offsets, _ = interleave([fixed(before), (examples.ids, examples.lengths), fixed(after)])
+    return Ragged(ids, ids, offsets)
 
 
 def label_names_of(source: Path) -> list[str]:
@@ -174,12 +189,19 @@ def write_causal(folder: Path, examples: Ragged, cfg: TokenizeConfig, pad_id: in
     return _stats(len(kept), len(kept.ids), _learned(kept), len(kept), slots, cut.truncated, cut.dropped, "examples x block_size")
 
 
-def _cut(examples: Ragged, too_long: np.ndarray, cfg: TokenizeConfig) -> Ragged:
-    """Truncate, or with `drop` remove the examples flagged too_long (a decision that can span
-    several columns: a seq2seq pair goes as a whole)."""
+def _room(cfg: TokenizeConfig, specials: tuple[list[int], list[int]]) -> int:
+    return cfg.block_size - len(specials[0]) - len(specials[1])
+
+
+def _fit(examples: Ragged, specials: tuple[list[int], list[int]], too_long: np.ndarray, cfg: TokenizeConfig) -> Ragged:
+    """Truncate the texts to leave room for the special tokens, or with `drop` remove the examples
+    flagged too_long (a decision that can span several columns: a seq2seq pair goes as a whole);
+    then add the special tokens, so truncation never cuts off a final [SEP] or </s>."""
     if cfg.truncation == "drop":
-        return select(examples, ~too_long)
-    return truncate(examples, cfg.block_size, cfg.truncation).kept
+        kept = select(examples, ~too_long)
+    else:
+        kept = truncate(examples, _room(cfg, specials), cfg.truncation).kept
+    return with_specials(kept, specials)
 
 
 def _cut_counts(too_long: np.ndarray, cfg: TokenizeConfig) -> tuple[int, int]:
@@ -187,9 +209,9 @@ def _cut_counts(too_long: np.ndarray, cfg: TokenizeConfig) -> tuple[int, int]:
     return (0, count) if cfg.truncation == "drop" else (count, 0)
 
 
-def write_classification(folder: Path, texts: Ragged, class_ids: np.ndarray, cfg: TokenizeConfig) -> dict:
-    too_long = texts.lengths > cfg.block_size
-    kept = _cut(texts, too_long, cfg)
+def write_classification(folder: Path, texts: Ragged, class_ids: np.ndarray, cfg: TokenizeConfig, specials=NO_SPECIALS) -> dict:
+    too_long = texts.lengths > _room(cfg, specials)
+    kept = _fit(texts, specials, too_long, cfg)
     if cfg.truncation == "drop":
         class_ids = class_ids[~too_long]
     np.save(folder / "input_ids.npy", kept.ids)
@@ -199,9 +221,11 @@ def write_classification(folder: Path, texts: Ragged, class_ids: np.ndarray, cfg
     return _stats(n, len(kept.ids), n, n, n * cfg.block_size, *_cut_counts(too_long, cfg), "examples x block_size")
 
 
-def write_seq2seq(folder: Path, source: Ragged, target: Ragged, cfg: TokenizeConfig) -> dict:
-    too_long = (source.lengths > cfg.block_size) | (target.lengths > cfg.block_size)
-    source, target = _cut(source, too_long, cfg), _cut(target, too_long, cfg)
+def write_seq2seq(
+    folder: Path, source: Ragged, target: Ragged, cfg: TokenizeConfig, source_specials=NO_SPECIALS, target_specials=NO_SPECIALS
+) -> dict:
+    too_long = (source.lengths > _room(cfg, source_specials)) | (target.lengths > _room(cfg, target_specials))
+    source, target = _fit(source, source_specials, too_long, cfg), _fit(target, target_specials, too_long, cfg)
     np.save(folder / "input_ids.npy", source.ids)
     np.save(folder / "offsets.npy", source.offsets)
     np.save(folder / "target_ids.npy", target.ids)
@@ -219,11 +243,13 @@ def tokenize_split(path: Path, folder: Path, cfg: TokenizeConfig, spec: RowSpec,
     if spec.task == "classification":
         class_of = {name: i for i, name in enumerate(label_names)}
         class_ids = np.array([class_of[v] for v in read_column(path, "label")], np.int64).reshape(-1)
-        return write_classification(folder, text_examples(path, "text", encoder, cfg), class_ids, cfg)
+        return write_classification(folder, text_examples(path, "text", encoder, cfg), class_ids, cfg, special_affixes(encoder))
     if spec.task == "seq2seq":
         source = text_examples(path, "source", encoder, cfg)
-        target = text_examples(path, "target", encoder, cfg, tokenizer.eos_token_id)
-        return write_seq2seq(folder, source, target, cfg)
+        target = text_examples(path, "target", encoder, cfg)
+        before, after = special_affixes(encoder)
+        eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+        return write_seq2seq(folder, source, target, cfg, (before, after), (before, after or eos))
     if spec.template == "chat":
         examples = chat_split(path, tokenizer, encoder, cfg)
     else:  # prompt_response, instruction and text all arrive as prompt + response
@@ -242,7 +268,7 @@ def run(cfg: TokenizeConfig, model: ModelConfig, spec: RowSpec, *, inputs: dict[
     chat = spec.task == "causal_lm" and spec.template == "chat"
     label_names = label_names_of(source) if spec.task == "classification" else None
     # Scratch tokenizers learn from the train split only, so validation stays unseen.
-    tokenizer = build_tokenizer(model, cfg, train_texts(source / "train.parquet", cfg.batch_size), chat=chat)
+    tokenizer = build_tokenizer(model, cfg, train_texts(source / "train.parquet", cfg.batch_size), chat=chat, task=spec.task)
     tokenizer.save_pretrained(out / "tokenizer")
     encoder = fast_encoder(tokenizer)
 

@@ -96,7 +96,7 @@ def test_registry_list_and_verify_from_the_command_line(tmp_path, capsys):
 
     assert cli.main(["registry", "list", "--registry", str(tmp_path / "reg")]) == 0
     listing = capsys.readouterr().out
-    assert "demo" in listing and "v1" in listing and "3.250" in listing
+    assert "demo" in listing and "v1" in listing and "perplexity 3.25" in listing
     assert cli.main(["registry", "verify", "demo", "v1", "--registry", str(tmp_path / "reg")]) == 0
     (tmp_path / "reg" / "demo" / "v1" / "model" / "weights.bin").write_bytes(b"\x01" * 1000)
     assert cli.main(["registry", "verify", "demo", "v1", "--registry", str(tmp_path / "reg")]) == 1

