@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- train
     t0, tokens_this_run, step = time.perf_counter(), 0, start_step
+    window_start, window_tokens = t0, 0  # the logged rate covers the steps since the last log line
     steps_to_run = range(start_step, tcfg.max_steps) if stop["stopped_at"] is None else range(0)
     for step in steps_to_run:
         torch.manual_seed(step_seed(tcfg.seed, step, info.rank))
@@ -235,16 +236,18 @@ def main(argv: list[str] | None = None) -> int:
         done = step + 1
         history.append({"step": done, "loss": step_loss, "lr": lr, "grad_norm": grad_norm})
 
-        elapsed = time.perf_counter() - t0
-        rate = tokens_this_run / elapsed
+        now = time.perf_counter()
+        window_tokens += global_real
+        rate = window_tokens / (now - window_start)
         mfu = flops_token * rate / (peak * info.world_size) if peak else None
         monitor.step(done, {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": rate, "mfu": mfu})
         if done % tcfg.log_every_steps == 0 or done == tcfg.max_steps:
-            eta = (tcfg.max_steps - done) * elapsed / max(1, done - start_step)
+            eta = (tcfg.max_steps - done) * (now - t0) / max(1, done - start_step)
             log(
                 f"step {done}/{tcfg.max_steps} loss {step_loss:.4f} lr {lr:.2e} grad_norm {grad_norm:.3f} "
                 f"tok/s {rate:,.0f}" + (f" mfu {mfu:.1%}" if mfu else "") + f" eta {eta:.0f}s"
             )
+            window_start, window_tokens = now, 0
         if validation_rows is not None and (done % tcfg.eval_every_steps == 0 or done == tcfg.max_steps):
             metrics = validate(replica, validation_rows, task, tcfg, info.device)
             evals.append({"step": done, **metrics})

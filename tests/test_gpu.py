@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from test_trainer_golden import run_losses
+from test_trainer_golden import make_blocks, run_losses
 
 from pipeline.config import TrainConfig
 from pipeline.train import autocast_context
@@ -24,3 +26,32 @@ def test_training_on_cuda_learns(tmp_path, capsys):
     losses = run_losses(tmp_path)
     assert "device cuda:0" in capsys.readouterr().out
     assert losses[-1] < losses[0] - 0.3
+
+
+def test_fp16_with_dynamic_loss_scaling_learns(tmp_path):
+    losses = run_losses(tmp_path, "train.precision=fp16")
+    assert losses[-1] < losses[0] - 0.3
+
+
+def test_qlora_trains_lora_on_a_4bit_base(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline import train
+
+    make_blocks(tmp_path / "tok")  # vocab 97, blocks of 16
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(base)
+    args = ["--tokenized", str(tmp_path / "tok"), "--output", str(tmp_path / "out"), "--checkpoints", str(tmp_path / "ckpt")]
+    for o in ["model.init=pretrained", f"model.name={base}", "train.method=qlora", "train.max_steps=20", "train.lr=1e-2",
+              "train.warmup_steps=2", "train.micro_batch_size=8", "train.save_every_steps=10"]:
+        args += ["--set", o]
+    assert train.main(args) == 0
+    stats = json.loads((tmp_path / "out" / "train_stats.json").read_text())
+    assert stats["method"] == "qlora" and stats["trainable_params"] < stats["total_params"]
+    assert (tmp_path / "out" / "model" / "adapter_model.safetensors").exists()
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]

@@ -91,7 +91,7 @@ def test_two_nodes_of_one_process_form_a_world_of_two(tmp_path, tokenized):
     assert trained_samples(tmp_path / "out") == list(range(32))
 
 
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+@pytest.mark.parametrize("stage", ["zero2"])  # ZeRO-3: the real SIGKILL test below
 def test_deepspeed_resume_from_a_kill_during_save_is_bit_identical(tmp_path, tokenized, stage):
     """Uninterrupted 6 steps vs: 4 steps, then the disk state a SIGKILL during the step-6 save
     leaves behind (the step folder renamed in but no COMPLETE marker, and a staging folder), then rerun."""
