@@ -24,9 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -140,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(cfg.model, task, model_meta, tcfg.seed, methods.base_load_kwargs(tcfg))
         if tcfg.gradient_checkpointing:
             # Non-reentrant: works when the inputs need no grad (frozen embeddings, LoRA).
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # (transformers 5.23 renamed gradient_checkpointing_enable; older 5.x only has the old name.)
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return methods.apply_method(model, tcfg, task, tokenized / "tokenizer")
 
     model = fresh_model()
@@ -328,5 +334,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_and_exit() -> None:
+    """Run main() and leave without interpreter teardown.
+
+    Everything is written and closed by then. Teardown itself can deadlock under torchrun with
+    gloo: the main thread, holding the GIL, frees DDP's reducer and so joins the process group's
+    worker thread, which is freeing the last collective's tensors and waits for the GIL (seen
+    with torch 2.13, intermittently, under load).
+    """
+    try:
+        code = main()
+    except SystemExit as e:  # argparse: --help, a bad argument
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit()
