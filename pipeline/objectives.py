@@ -43,6 +43,8 @@ def summed_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.
         return F.cross_entropy(logits, labels, reduction="sum")
     if task == "seq2seq":
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    if logits.dim() == 2:  # TargetPositionsOnly: one row per target, already in order
+        return F.cross_entropy(logits, labels[:, 1:][labels[:, 1:] != IGNORE_INDEX], reduction="sum")
     # Prompt tuning prepends virtual tokens: their logits come first and predict nothing of ours.
     logits = logits[:, -labels.shape[1] :]
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
@@ -53,3 +55,43 @@ def correct_count(logits: torch.Tensor, labels: torch.Tensor, task: str) -> int 
     if task != "classification":
         return None
     return int((logits.argmax(-1) == labels).sum())
+
+
+class TargetPositionsOnly:
+    """Run a causal LM's output head only where the next token is a target.
+
+    In SFT the prompt (often half the tokens or more) and the padding carry no loss, yet a plain
+    forward multiplies every position's hidden state by the [hidden x vocab] head and then
+    softmaxes it. A forward pre-hook on the head keeps only the positions whose next token is
+    labelled, so the model returns logits [targets, vocab] in the order of
+    `labels[:, 1:][labels[:, 1:] != -100]`. The hook sits inside the model's own forward, so DDP
+    and DeepSpeed see an ordinary forward. Outside `selecting(...)` the head sees everything.
+    """
+
+    def __init__(self, head: torch.nn.Module):
+        self.mask = None
+        head.register_forward_pre_hook(self._select)
+
+    def _select(self, module, args):
+        if self.mask is None:
+            return None
+        (hidden, *rest) = args
+        if hidden.shape[:2] != self.mask.shape:  # e.g. soft-prompt positions in front: keep all
+            return None
+        return (hidden[self.mask], *rest)
+
+    def selecting(self, labels: torch.Tensor):
+        mask = torch.zeros_like(labels, dtype=torch.bool)
+        mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        return _Selecting(self, mask)
+
+
+class _Selecting:
+    def __init__(self, owner: TargetPositionsOnly, mask: torch.Tensor):
+        self.owner, self.mask = owner, mask
+
+    def __enter__(self):
+        self.owner.mask = self.mask
+
+    def __exit__(self, *exc):
+        self.owner.mask = None

@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     model.train()
     trainable, total = count_parameters(model)
     flops_token = flops_per_token(model, train_rows.block_size)
+    # Causal LM: the output head runs only where a target follows (not on prompts and padding).
+    head = methods.unwrap(model).get_output_embeddings() if task == "causal_lm" and tcfg.method != "prompt_tuning" else None
+    only_targets = objectives.TargetPositionsOnly(head) if head is not None else None
     replica = distributed.wrap_model(model, methods.parameter_groups(model, tcfg), tcfg, info)
     schedule = lr_multiplier(tcfg)
     global_batch = tcfg.micro_batch_size * tcfg.grad_accum_steps * info.world_size
@@ -187,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         sample_log = open(output / "samples" / f"rank{info.rank}.jsonl", "a")
     peak = peak_flops(info.device)
 
+    # Rows padded per batch can be grouped by length (less padding; a bias in the batches).
+    lengths = getattr(train_rows, "lengths", None) if tcfg.group_by_length else None
+
     # ---- train
     t0, tokens_this_run, step = time.perf_counter(), 0, start_step
     window_start, window_tokens = t0, 0  # the logged rate covers the steps since the last log line
@@ -196,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         micro_batches, local_real, local_targets, my_samples = [], 0, 0, []
         for m in range(tcfg.grad_accum_steps):
             start, count = micro_batch_ids(samples_seen, m, tcfg.micro_batch_size, info.rank, info.world_size)
-            rows = sample_ids(start, count, len(train_rows), tcfg.seed)
+            rows = sample_ids(start, count, len(train_rows), tcfg.seed, lengths)
             batch = train_rows.batch(rows)
             micro_batches.append(batch)
             local_real += train_rows.real_tokens(rows)  # throughput counts tokens, not padding
@@ -217,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             last = m == len(micro_batches) - 1
             inputs, labels = objectives.model_inputs({k: v.to(info.device) for k, v in batch.items()}, task)
             with distributed.micro_step(replica, last):
-                with autocast_context(tcfg, info.device):
+                with autocast_context(tcfg, info.device), only_targets.selecting(labels) if only_targets else nullcontext():
                     logits = replica.forward(**inputs).logits
                     target_loss = objectives.summed_loss(logits, labels, task)
                 replica.backward(target_loss * scale, last)

@@ -234,3 +234,20 @@ def test_bins_examples_do_not_attend_to_each_other_in_the_trainers_forward():
         alone = model(input_ids=second, use_cache=False).logits
         isolated = model(input_ids=packed, position_ids=positions, use_cache=False).logits[:, 5:]
     torch.testing.assert_close(isolated, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_length_grouped_order_is_the_same_rows_sorted_within_groups():
+    from pipeline.data_loader import LENGTH_GROUP
+
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(1, 200, size=300)
+    plain = sample_ids(0, 600, 300, seed=3)
+    grouped = sample_ids(0, 600, 300, seed=3, lengths=lengths)
+    for epoch in (0, 1):  # each epoch: the same rows, once each
+        assert sorted(grouped[epoch * 300:(epoch + 1) * 300]) == list(range(300))
+    for start in range(0, 300, LENGTH_GROUP):  # each group: the plain order's rows, sorted by length
+        group = slice(start, min(start + LENGTH_GROUP, 300))
+        assert sorted(grouped[group]) == sorted(plain[group])
+        assert list(lengths[grouped[group]]) == sorted(lengths[grouped[group]])
+    # A pure function of the position: any window of the stream reads the same rows.
+    assert list(sample_ids(37, 100, 300, seed=3, lengths=lengths)) == list(grouped[37:137])

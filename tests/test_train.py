@@ -41,14 +41,15 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_sigkill_mid_training_resumes_to_bit_identical_weights(tmp_path):
-    steps = {"train.max_steps": 100, "train.nproc_per_node": 2}  # DDP x 2
+def kill_and_resume(tmp_path: Path, steps: dict) -> dict:
+    """Run the pipeline to publish once cleanly; once killed with SIGKILL after its first complete
+    checkpoint and rerun. Asserts the published weights and per-step losses are bit-identical;
+    returns the rerun's summary."""
     clean = run_cli(cli_args("stage", tmp_path / "clean", tmp_path / "reg-clean", "publish", **steps))
-    clean_summary = summary_of(clean)
-    assert stage_status(clean_summary)["train"] == "ran"
+    assert stage_status(summary_of(clean))["train"] == "ran"
 
     workdir, registry = tmp_path / "killed", tmp_path / "reg-killed"
-    # A new session, so SIGKILL reaches the CLI, torchrun and the training worker together.
+    # A new session, so SIGKILL reaches the CLI, torchrun and the training workers together.
     proc = subprocess.Popen(
         cli_command(*cli_args("stage", workdir, registry, "publish", **steps)),
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -60,17 +61,21 @@ def test_sigkill_mid_training_resumes_to_bit_identical_weights(tmp_path):
         proc.wait()
     assert not list(workdir.glob("train/*/manifest.json")), "training finished before the kill: nothing was tested"
 
-    resumed = run_cli(cli_args("stage", workdir, registry, "publish", **steps))
-    summary = summary_of(resumed)
+    summary = summary_of(run_cli(cli_args("stage", workdir, registry, "publish", **steps)))
     status = stage_status(summary)
     assert status["train"] == "resumed"
     assert status["ingest"] == status["tokenize"] == "cached"
     train_stats = next(s["stats"] for s in summary["stages"] if s["name"] == "train")
-    assert 0 < train_stats["resumed_from_step"] < 100
+    assert 0 < train_stats["resumed_from_step"] < steps["train.max_steps"]
 
     assert sha256(published_weights(registry)) == sha256(published_weights(tmp_path / "reg-clean"))
     log = lambda w: (next(Path(w).glob("train/*/train_log.jsonl"))).read_text()  # noqa: E731
     assert log(workdir) == log(tmp_path / "clean"), "per-step losses differ after resume"
+    return summary
+
+
+def test_sigkill_mid_training_under_ddp_two_ranks_resumes_to_bit_identical_weights(tmp_path):
+    kill_and_resume(tmp_path, {"train.max_steps": 100, "train.nproc_per_node": 2})
 
 
 def test_ddp_two_ranks_on_cpu(tmp_path):

@@ -5,17 +5,15 @@ resume bit-identically, also from the disk state a kill during a checkpoint save
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from test_train import run_cli, stage_status, summary_of, wait_for
-from tiny import REPO, cli_args, cli_command, published_weights, sha256
+from test_train import kill_and_resume, run_cli, summary_of
+from tiny import REPO, cli_args, sha256
 
 pytestmark = pytest.mark.integration
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -115,19 +113,4 @@ def test_deepspeed_resume_from_a_kill_during_save_is_bit_identical(tmp_path, tok
 
 
 def test_sigkill_under_zero3_two_ranks_resumes_to_bit_identical_weights(tmp_path):
-    steps = {"train.max_steps": 30, "train.nproc_per_node": 2, "train.strategy": "deepspeed", "train.deepspeed_config": "zero3"}
-    run_cli(cli_args("stage", tmp_path / "clean", tmp_path / "reg-clean", "publish", **steps))
-    workdir, registry = tmp_path / "killed", tmp_path / "reg-killed"
-    proc = subprocess.Popen(
-        cli_command(*cli_args("stage", workdir, registry, "publish", **steps)),
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        wait_for(lambda: list(workdir.glob("scratch/train/*/checkpoints/step_*/COMPLETE")), 300, "a first checkpoint")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert not list(workdir.glob("train/*/manifest.json")), "training finished before the kill: nothing was tested"
-    status = stage_status(summary_of(run_cli(cli_args("stage", workdir, registry, "publish", **steps))))
-    assert status["train"] == "resumed"
-    assert sha256(published_weights(registry)) == sha256(published_weights(tmp_path / "reg-clean"))
+    kill_and_resume(tmp_path, {"train.max_steps": 30, "train.nproc_per_node": 2, "train.strategy": "deepspeed", "train.deepspeed_config": "zero3"})
