@@ -1,7 +1,7 @@
 """Our trainer against Hugging Face `Trainer`: real tokens per second and validation loss.
 
     .venv/bin/python -m bench.train_vs_hf                      # ~4 min on 2 cores
-    .venv/bin/python -m bench.train_vs_hf --steps 100 --packing concat
+    .venv/bin/python -m bench.train_vs_hf --steps 100 --packing none --skip-max-length
 
 Same model (the quickstart's 2-layer GPT-2, built by pipeline.modeling with the same seed), same
 data (the quickstart's preprocessed train split, block/maximum length 256), same optimiser
@@ -16,7 +16,7 @@ cosine to lr x min_lr_ratio), batch of 8 sequences, same number of steps:
 
 Real tokens are non-padding tokens (ours: its own count; HF: the sum of attention_mask over the
 batches it trained on), over the seconds of the train loop (ours) or of the `train()` call (HF).
-With `--packing bins` (default) our 8 rows each hold several whole examples, so one step sees
+With `--packing concat` (default, as the quickstart) or `bins` our 8 rows each hold several whole examples, so one step sees
 more examples than HF's; `--packing none` feeds ours one example per row, padded to the longest
 in the batch, which is HF dynamic's exact workload. Validation loss is the per-token mean over
 the label tokens of the same unpacked validation examples for every model.
@@ -191,7 +191,7 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps for every trainer (default 300)")
-    parser.add_argument("--packing", choices=["bins", "concat", "none"], default="bins", help="our tokenize.packing (default bins)")
+    parser.add_argument("--packing", choices=["bins", "concat", "none"], default="concat", help="our tokenize.packing (default concat, as the quickstart)")
     parser.add_argument("--config", default="examples/quickstart.yaml")
     parser.add_argument("--workdir", default="runs", help="stage cache for the data stages (default runs)")
     parser.add_argument("--block", type=int, default=256, help="block size / HF maximum length")
