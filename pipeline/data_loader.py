@@ -228,11 +228,12 @@ def _epoch_order(num_rows: int, seed: int, epoch: int, lengths: bytes | None) ->
     return order
 
 
-def sample_ids(start: int, count: int, num_blocks: int, seed: int, lengths: np.ndarray | None = None) -> np.ndarray:
+def sample_ids(start: int, count: int, num_blocks: int, seed: int, lengths: np.ndarray | bytes | None = None) -> np.ndarray:
     """Row ids of global samples [start, start + count) of the endless, epoch-shuffled stream.
 
-    `lengths` (rows padded per batch): group rows of similar length, see LENGTH_GROUP."""
-    key = None if lengths is None else np.ascontiguousarray(lengths, dtype=np.int64).tobytes()
+    `lengths` (rows padded per batch): group rows of similar length, see LENGTH_GROUP. A caller
+    drawing many batches passes them as int64 bytes, made once (they are the order's cache key)."""
+    key = lengths if lengths is None or isinstance(lengths, bytes) else np.ascontiguousarray(lengths, dtype=np.int64).tobytes()
     out = np.empty(count, dtype=np.int64)
     for j, i in enumerate(range(start, start + count)):
         epoch, pos = divmod(i, num_blocks)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import importlib.metadata
-import importlib.util
 import json
 import os
 import signal
@@ -53,13 +52,11 @@ def preflight(model: ModelConfig, train: TrainConfig) -> None:
     cuda = _cuda_available()
     if train.precision == "fp16" and not cuda:
         raise ValueError("train.precision fp16 needs a CUDA device (no fp16 kernels for training on CPU); use bf16 or fp32")
-    if train.method == "qlora":
-        if not cuda:
-            raise ValueError("train.method qlora needs a CUDA device and bitsandbytes (4-bit kernels); on CPU use lora")
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ValueError("train.method qlora needs bitsandbytes: pip install bitsandbytes")
-        if model.init != "pretrained":
-            raise ValueError("train.method qlora quantises a pretrained base: set model.init: pretrained")
+    from pipeline.methods import check_method_runtime
+
+    check_method_runtime(train, "cuda" if cuda else "cpu")  # qlora: CUDA and bitsandbytes
+    if train.method == "qlora" and model.init != "pretrained":
+        raise ValueError("train.method qlora quantises a pretrained base: set model.init: pretrained")
     if train.strategy == "deepspeed":
         from pipeline.deepspeed_engine import resolve_config
 

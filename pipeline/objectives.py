@@ -6,6 +6,8 @@ return sums, never means: a mean per micro-batch would weigh short and long batc
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
@@ -80,18 +82,12 @@ class TargetPositionsOnly:
             return None
         return (hidden[self.mask], *rest)
 
+    @contextmanager
     def selecting(self, labels: torch.Tensor):
         mask = torch.zeros_like(labels, dtype=torch.bool)
         mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-        return _Selecting(self, mask)
-
-
-class _Selecting:
-    def __init__(self, owner: TargetPositionsOnly, mask: torch.Tensor):
-        self.owner, self.mask = owner, mask
-
-    def __enter__(self):
-        self.owner.mask = self.mask
-
-    def __exit__(self, *exc):
-        self.owner.mask = None
+        self.mask = mask
+        try:
+            yield
+        finally:
+            self.mask = None

@@ -32,6 +32,7 @@ import traceback
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline import distributed, methods, objectives
@@ -138,18 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     # A soft prompt occupies positions too: a scratch model gets room for it in front of the block.
     model_meta = dict(meta, block_size=meta["block_size"] + (tcfg.num_virtual_tokens if tcfg.method == "prompt_tuning" else 0))
 
-    def fresh_model():
-        model = build_model(cfg.model, task, model_meta, tcfg.seed, methods.base_load_kwargs(tcfg))
-        if tcfg.gradient_checkpointing:
-            # Non-reentrant: works when the inputs need no grad (frozen embeddings, LoRA).
-            # (transformers 5.23 renamed gradient_checkpointing_enable; older 5.x only has the old name.)
-            if hasattr(model, "activation_checkpointing_enable"):
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return methods.apply_method(model, tcfg, task, tokenized / "tokenizer")
-
-    model = fresh_model()
+    model = build_model(cfg.model, task, model_meta, tcfg.seed, methods.base_load_kwargs(tcfg))
+    if tcfg.gradient_checkpointing:
+        # Non-reentrant: works when the inputs need no grad (frozen embeddings, LoRA).
+        # (transformers 5.23 renamed gradient_checkpointing_enable; older 5.x only has the old name.)
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = methods.apply_method(model, tcfg, task, tokenized / "tokenizer")
     model.train()
     trainable, total = count_parameters(model)
     flops_token = flops_per_token(model, train_rows.block_size)
@@ -192,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Rows padded per batch can be grouped by length (less padding; a bias in the batches).
     lengths = getattr(train_rows, "lengths", None) if tcfg.group_by_length else None
+    lengths = None if lengths is None else np.ascontiguousarray(lengths, dtype=np.int64).tobytes()  # the order's cache key, made once
 
     # ---- train
     t0, tokens_this_run, step = time.perf_counter(), 0, start_step
