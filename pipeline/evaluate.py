@@ -13,7 +13,8 @@ The task is the tokenize output's (meta.json `task`). metrics.json holds `task`,
     seq2seq         eval_loss, eval_tokens and rouge_l (ROUGE-L F1 of greedy generations against the
                     references) on the held-out split, a few `generations` listed
 
-Every split is scored in batches of 8, up to evaluate.max_batches batches (generations included).
+Every split is scored in batches of 8, up to evaluate.max_batches batches (generations included):
+all its rows when they fit, else a fixed random subset of that many (data_loader.held_out_batches).
 `gate` is {thresholds, passed, failed}: the task's thresholds (evaluate.max_perplexity, min_accuracy,
 min_rouge_l) and a line per one missed; a threshold for another task's metric is listed as
 `not_applicable` and does not block. No held-out rows means no measurement, which fails a set gate.
@@ -32,7 +33,7 @@ from transformers import AutoTokenizer
 
 from pipeline import metrics as M
 from pipeline.config import EvaluateConfig, ModelConfig
-from pipeline.data_loader import open_split
+from pipeline.data_loader import held_out_batches, open_split
 from pipeline.modeling import AUTO_CLASSES
 
 _EVAL_BATCH = 8
@@ -41,9 +42,8 @@ GATES = {"max_perplexity": "perplexity", "min_accuracy": "accuracy", "min_rouge_
 TASK_GATES = {"causal_lm": ("max_perplexity",), "classification": ("min_accuracy",), "seq2seq": ("min_rouge_l",)}
 
 
-def _batches(rows, max_batches: int):
-    for b in range(min(max_batches, math.ceil(len(rows) / _EVAL_BATCH))):
-        yield list(range(b * _EVAL_BATCH, min(len(rows), (b + 1) * _EVAL_BATCH)))
+def _batches(rows, max_batches: int) -> list[list[int]]:
+    return held_out_batches(len(rows), _EVAL_BATCH, max_batches)
 
 
 def _token_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -72,7 +72,7 @@ def held_out_split(tokenized: Path) -> str:
 
 @torch.no_grad()
 def perplexity(model, blocks, max_batches: int) -> tuple[float, int]:
-    """(mean loss over label tokens, label token count) over up to max_batches batches, in order.
+    """(mean loss over label tokens, label token count) over up to max_batches batches.
 
     `blocks` is any causal-LM loader of `data_loader.open_split` (packed blocks or padded examples).
     """
@@ -145,31 +145,32 @@ def evaluate_causal_lm(cfg: EvaluateConfig, model_cfg: ModelConfig, model, token
 
 
 @torch.no_grad()
-def classify(model, rows, max_batches: int) -> tuple[list[int], list[int], float]:
-    """(true class ids, predicted class ids, summed cross-entropy) over up to max_batches batches."""
-    labels, predictions, loss = [], [], 0.0
+def classify(model, rows, max_batches: int) -> tuple[list[int], list[int], list[int], float]:
+    """(row ids scored, true class ids, predicted class ids, summed cross-entropy) over up to max_batches batches."""
+    scored, labels, predictions, loss = [], [], [], 0.0
     for ids in _batches(rows, max_batches):
+        scored += ids
         batch = rows.batch(ids)
         y = batch.pop("labels")
         logits = model(**batch).logits  # padded per batch: the attention mask keeps pads out
         loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
         labels += y.tolist()
         predictions += logits.argmax(-1).tolist()
-    return labels, predictions, loss
+    return scored, labels, predictions, loss
 
 
 def evaluate_classification(cfg: EvaluateConfig, model, tokenizer, tokenized: Path) -> dict:
     split = held_out_split(tokenized)
     rows = open_split(tokenized / split)
     names = rows.label_names or [str(i) for i in range(model.config.num_labels)]
-    labels, predictions, loss = classify(model, rows, cfg.max_batches)
+    scored, labels, predictions, loss = classify(model, rows, cfg.max_batches)
     result = {"split": split, "examples": len(labels), "accuracy": None, "macro_f1": None, "eval_loss": None}
     if labels:
         result.update(accuracy=M.accuracy(labels, predictions), macro_f1=M.macro_f1(labels, predictions), eval_loss=loss / len(labels))
     counts = M.class_counts(labels, predictions) if labels else {}
     result["per_class"] = {name: counts.get(i, {"support": 0, "predicted": 0, "correct": 0}) for i, name in enumerate(names)}
     shown = list(range(min(cfg.num_generations, len(labels))))
-    texts = [tokenizer.decode(rows.batch([i])["input_ids"][0], skip_special_tokens=True) for i in shown]
+    texts = [tokenizer.decode(rows.batch([scored[i]])["input_ids"][0], skip_special_tokens=True) for i in shown]
     result["examples_shown"] = [{"text": t, "label": names[labels[i]], "predicted": names[predictions[i]]} for t, i in zip(texts, shown)]
     return result
 
@@ -180,8 +181,9 @@ def evaluate_classification(cfg: EvaluateConfig, model, tokenizer, tokenized: Pa
 @torch.no_grad()
 def seq2seq_scores(model, rows, tokenizer, max_batches: int, max_new_tokens: int) -> dict:
     """Eval loss over target tokens, and greedy generations with their decoded references."""
-    loss, tokens, sources, references, predictions = 0.0, 0, [], [], []
+    loss, tokens, scored, sources, references, predictions = 0.0, 0, [], [], [], []
     for ids in _batches(rows, max_batches):
+        scored += ids
         batch = rows.batch(ids)
         y = batch.pop("labels")
         loss += _token_loss(model(**batch, labels=y).logits, y)  # the model shifts labels into decoder inputs
@@ -189,7 +191,7 @@ def seq2seq_scores(model, rows, tokenizer, max_batches: int, max_new_tokens: int
         predictions += tokenizer.batch_decode(greedy(model, batch, tokenizer, max_new_tokens), skip_special_tokens=True)
         references += [tokenizer.decode(row[row != -100], skip_special_tokens=True) for row in y]
         sources += tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
-    return {"loss": loss, "tokens": tokens, "sources": sources, "references": references, "predictions": predictions}
+    return {"loss": loss, "tokens": tokens, "ids": scored, "sources": sources, "references": references, "predictions": predictions}
 
 
 def greedy(model, batch: dict, tokenizer, max_new_tokens: int) -> torch.Tensor:
@@ -215,7 +217,7 @@ def evaluate_seq2seq(cfg: EvaluateConfig, model_cfg: ModelConfig, model, tokeniz
     if model_cfg.init == "pretrained" and shown:
         base = AUTO_CLASSES["seq2seq"].from_pretrained(model_cfg.name).eval()
         with torch.no_grad():
-            out = greedy(base, rows.batch(list(range(shown))), tokenizer, cfg.max_new_tokens)
+            out = greedy(base, rows.batch(s["ids"][:shown]), tokenizer, cfg.max_new_tokens)
         for sample, text in zip(generations, tokenizer.batch_decode(out, skip_special_tokens=True)):
             sample["base"] = text
     return {

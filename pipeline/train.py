@@ -38,7 +38,7 @@ import torch
 from pipeline import distributed, methods, objectives
 from pipeline.checkpoint import checkpoint_world_size, load_checkpoint, newest_complete_checkpoint, save_checkpoint
 from pipeline.config import TrainConfig, load_config
-from pipeline.data_loader import micro_batch_ids, open_split, sample_ids
+from pipeline.data_loader import held_out_batches, micro_batch_ids, open_split, sample_ids
 from pipeline.modeling import build_model, count_parameters
 from pipeline.observe import Monitor, flops_per_token, human_bytes, peak_flops, peak_memory_bytes, summary_table
 
@@ -91,15 +91,14 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 @torch.no_grad()
 def validate(replica, rows, task: str, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
-    """Mean loss (and accuracy) over the first `eval_batches` validation batches, in order.
+    """Mean loss (and accuracy) over up to `eval_batches` validation batches (data_loader.held_out_batches).
 
     Every rank scores the same batches: no collective is needed for DDP, and ZeRO-3, whose
     forward gathers parameters from all ranks, gets the same number of forwards on each."""
     replica.module.eval()
     loss, targets, correct = 0.0, 0, 0
-    size = cfg.micro_batch_size
-    for b in range(min(cfg.eval_batches, math.ceil(len(rows) / size))):
-        batch = {k: v.to(device) for k, v in rows.batch(list(range(b * size, min(len(rows), (b + 1) * size)))).items()}
+    for ids in held_out_batches(len(rows), cfg.micro_batch_size, cfg.eval_batches):
+        batch = {k: v.to(device) for k, v in rows.batch(ids).items()}
         inputs, labels = objectives.model_inputs(batch, task)
         with autocast_context(cfg, device):
             logits = replica.forward(**inputs).logits

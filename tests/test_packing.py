@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline import train
-from pipeline.data_loader import BinnedBlocks, ClassifiedTexts, Examples, PackedBlocks, SourceTargetPairs, open_split, sample_ids
+from pipeline.data_loader import BinnedBlocks, ClassifiedTexts, Examples, PackedBlocks, SourceTargetPairs, held_out_batches, open_split, sample_ids
 from pipeline.packing import (
     IGNORE_INDEX,
     Ragged,
@@ -251,3 +251,19 @@ def test_length_grouped_order_is_the_same_rows_sorted_within_groups():
         assert list(lengths[grouped[group]]) == sorted(lengths[grouped[group]])
     # A pure function of the position: any window of the stream reads the same rows.
     assert list(sample_ids(37, 100, 300, seed=3, lengths=lengths)) == list(grouped[37:137])
+
+
+def test_held_out_batches_score_every_row_when_they_fit():
+    assert held_out_batches(19, 8, 3) == [list(range(0, 8)), list(range(8, 16)), [16, 17, 18]]
+    assert held_out_batches(0, 8, 3) == []
+
+
+def test_held_out_batches_over_the_limit_spread_over_the_whole_split():
+    # A split sorted by label (600 rows of 6 classes): scoring its head would see one class only.
+    label_of = np.repeat(np.arange(6), 100)
+    batches = held_out_batches(600, 8, 10)
+    ids = [i for batch in batches for i in batch]
+    assert [len(b) for b in batches] == [8] * 10
+    assert ids == sorted(set(ids)) and 0 <= ids[0] and ids[-1] < 600
+    assert set(label_of[ids]) == set(range(6))
+    assert held_out_batches(600, 8, 10) == batches  # the same subset on every run and rank
