@@ -214,6 +214,10 @@ class TrainConfig(Section):
     length, so batches pad less. Faster; on small data it can cost some validation loss (docs/benchmarks.md)."""
     gradient_checkpointing: bool = False
     """Recompute block activations in the backward pass: less memory, about a third more compute."""
+    fast_cpu_dropout: bool = True
+    """On CPU, draw dropout masks 16 bits per element instead of with torch's bernoulli (25% of a small
+    GPT-2's step there) and run attention dropout in our own math path. The drop probability is
+    rounded to a multiple of 1/65536. CUDA always uses torch's dropout (pipeline/cpu_dropout.py)."""
 
     method: Literal["full", "freeze", "lora", "qlora", "prompt_tuning", "adapters"] = "full"
     """What trains. `full`: every weight; `freeze`: the top `trainable_blocks` blocks and the head;

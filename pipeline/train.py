@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import distributed, methods, objectives
+from pipeline import cpu_dropout, distributed, methods, objectives
 from pipeline.checkpoint import checkpoint_world_size, load_checkpoint, newest_complete_checkpoint, save_checkpoint
 from pipeline.config import TrainConfig, load_config
 from pipeline.data_loader import held_out_batches, micro_batch_ids, open_split, sample_ids
@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = methods.apply_method(model, tcfg, task, tokenized / "tokenizer")
+    if tcfg.fast_cpu_dropout and info.device.type == "cpu":
+        cpu_dropout.install(model)
     model.train()
     trainable, total = count_parameters(model)
     flops_token = flops_per_token(model, train_rows.block_size)
