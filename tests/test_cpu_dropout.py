@@ -97,3 +97,15 @@ def test_install_keeps_eval_outputs_and_saves_a_plain_config(arch, tmp_path):
     a.sum().backward()
     model.save_pretrained(tmp_path)
     assert cpu_dropout.ATTENTION not in json.dumps(json.loads((tmp_path / "config.json").read_text()))
+
+
+def test_causal_bias_for_every_length_is_a_slice_of_one_square():
+    cpu_dropout._masks.clear()
+    long = cpu_dropout._causal_bias(12, 12, torch.float32, torch.device("cpu"))
+    short = cpu_dropout._causal_bias(5, 5, torch.float32, torch.device("cpu"))
+    assert len(cpu_dropout._masks) == 1 and short.shape == (5, 5)
+    assert torch.equal(short == 0, torch.ones(5, 5, dtype=torch.bool).tril())
+    assert torch.equal(long[:5, :5], short)
+    # Fewer queries than keys (a cache): the queries are the last positions.
+    rect = cpu_dropout._causal_bias(2, 5, torch.float32, torch.device("cpu"))
+    assert torch.equal(rect == 0, torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool))
