@@ -24,6 +24,7 @@ from torch import nn
 ATTENTION = "tunepipe_cpu_sdpa"
 _BITS = 16
 _masks: dict[tuple, torch.Tensor] = {}  # (dtype, device) -> the causal square, see _causal_bias
+_last_bool_mask: list = [None, None]  # (bool mask, its additive form), see _additive
 
 
 def drop_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
@@ -71,6 +72,15 @@ def _causal_bias(q_len: int, k_len: int, dtype: torch.dtype, device: torch.devic
     return square[:q_len, :q_len]
 
 
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask (True = may attend) as an additive one. Every layer of a forward gets the same
+    mask object, so the last conversion is kept and reused instead of redone per layer."""
+    if _last_bool_mask[0] is not mask or _last_bool_mask[1].dtype != dtype:
+        bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+        _last_bool_mask[:] = [mask, bias]
+    return _last_bool_mask[1]
+
+
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' attention interface: softmax(q k^T * scale + mask), dropout, @ v.
 
@@ -95,8 +105,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
             scores = torch.bmm(q, k_t) * scaling
     else:
         if attention_mask.dtype == torch.bool:  # True = may attend (padding and packed documents masked)
-            bias = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device)
-            attention_mask = bias.masked_fill_(~attention_mask, torch.finfo(query.dtype).min)
+            attention_mask = _additive(attention_mask, query.dtype)
         scores = (torch.bmm(q, k_t) * scaling).view(b, h, q_len, k_len).add_(attention_mask).view(b * h, q_len, k_len)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
     probs = probs * ~drop_mask(probs.shape, dropout, probs.device)
