@@ -337,7 +337,13 @@ def main(argv: list[str] | None = None) -> int:
     monitor.close()
     distributed.barrier(info)
     distributed.cleanup(info)
+    if info.is_distributed:
+        _KEPT_UNTIL_EXIT.append(replica)  # not freed when main() returns: see run_and_exit
     return 0
+
+
+_KEPT_UNTIL_EXIT: list = []
+"""Objects that must outlive main() in a torchrun worker, until os._exit (see run_and_exit)."""
 
 
 def run_and_exit() -> None:
@@ -346,14 +352,18 @@ def run_and_exit() -> None:
     Everything is written and closed by then. Teardown itself can deadlock under torchrun with
     gloo: the main thread, holding the GIL, frees DDP's reducer and so joins the process group's
     worker thread, which is freeing the last collective's tensors and waits for the GIL (seen
-    with torch 2.13, intermittently, under load).
+    with torch 2.13, intermittently, under load). main()'s own return frees its locals too (a
+    2-rank run hung there 1 time in 13 under load), so main() hands the replica to
+    _KEPT_UNTIL_EXIT and a failed run's traceback is kept the same way: nothing is freed before
+    os._exit.
     """
     try:
         code = main()
     except SystemExit as e:  # argparse: --help, a bad argument
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    except BaseException:
+    except BaseException as e:
         traceback.print_exc()
+        _KEPT_UNTIL_EXIT.append(e)  # its frames hold the replica
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()
