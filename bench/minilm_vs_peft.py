@@ -36,7 +36,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 import debian_corpus  # noqa: E402
-from pipeline import metrics as M  # noqa: E402
+from pipeline.evaluate import metrics as M  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.stages import run_stages  # noqa: E402
 

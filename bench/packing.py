@@ -28,7 +28,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from pipeline.packing import Ragged, first_fit_decreasing, offsets_of, pack_bins  # noqa: E402
+from pipeline.data.packing import Ragged, first_fit_decreasing, offsets_of, pack_bins  # noqa: E402
 
 
 def sft_lengths(n: int, block: int, seed: int = 0) -> np.ndarray:

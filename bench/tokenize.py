@@ -78,7 +78,7 @@ def make_texts(rows: int, seed: int = 0) -> tuple[list[str], list[str]]:
 def prepare(work: Path, rows: int) -> None:
     from transformers import PreTrainedTokenizerFast
 
-    from pipeline.text_tokenizer import EOS, train_byte_level_bpe
+    from pipeline.data.text_tokenizer import EOS, train_byte_level_bpe
 
     prompts, responses = make_texts(rows)
     source = work / "preprocess"
@@ -100,7 +100,7 @@ def cpu_seconds() -> float:
 def ours(source: Path, tokenizer_dir: Path, work: Path):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401  untimed, as for the others (the stage imports lazily)
 
-    from pipeline import tokenize
+    from pipeline.data import tokenize
     from pipeline.config import build_config
 
     cfg = build_config({"model": {"init": "pretrained", "name": str(tokenizer_dir)}, "tokenize": {"block_size": 2048}})

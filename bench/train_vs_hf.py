@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.train_vs_hf                      # ~4 min on 2 cores
     .venv/bin/python -m bench.train_vs_hf --steps 100 --packing none --skip-max-length
 
-Same model (the quickstart's 2-layer GPT-2, built by pipeline.modeling with the same seed), same
+Same model (the quickstart's 2-layer GPT-2, built by pipeline.train.modeling with the same seed), same
 data (the quickstart's preprocessed train split, block/maximum length 256), same optimiser
 (AdamW betas 0.9/0.95, weight decay off for biases and norms, clipping at 1.0, linear warmup then
 cosine to lr x min_lr_ratio), batch of 8 sequences, same number of steps:
@@ -46,7 +46,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.modeling import build_model  # noqa: E402
+from pipeline.train.modeling import build_model  # noqa: E402
 from pipeline.stages import run_stages  # noqa: E402
 
 REPO = _HERE.parent
@@ -65,6 +65,8 @@ def overrides(steps: int, packing: str, block: int, batch: int) -> list[str]:
         f"train.save_every_steps={steps}",
         "train.tensorboard=false",
         f"train.log_every_steps={max(1, steps // 5)}",
+        # The opt-in CPU dropout (train/cpu_dropout.py): this bench measures the CPU recipe at its best.
+        "train.fast_cpu_dropout=true",
     ]
 
 
@@ -116,7 +118,7 @@ def train_ours(config: str, sets: list[str], tokenized: Path, work: Path) -> dic
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise SystemExit(f"pipeline.train failed (exit {proc.returncode}): {' '.join(cmd)}")
+        raise SystemExit(f"pipeline.train.recipe failed (exit {proc.returncode}): {' '.join(cmd)}")
     stats = json.loads((out / "train_stats.json").read_text())
     stats["process_seconds"] = round(wall, 1)
     return stats

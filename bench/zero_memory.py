@@ -5,9 +5,9 @@
     # each re-runs itself as: torchrun --standalone --nproc_per_node 2 -m bench.zero_memory --precision ...
 
 A GPT-2 of ~8.7M parameters (Ψ) trains three steps (micro batch 2, grad accumulation 2) under
-each strategy, built the way the trainer builds it: `pipeline.distributed.wrap_model` for DDP
+each strategy, built the way the trainer builds it: `pipeline.train.parallel.replica.wrap_model` for DDP
 (under the trainer's `autocast_context`: bf16 autocast, fp32 weights), and
-`pipeline.deepspeed_engine.deepspeed_replica` with the shipped deepspeed_configs/zeroN.json,
+`pipeline.train.parallel.zero.deepspeed_replica` with the shipped deepspeed_configs/zeroN.json,
 whose bf16.enabled is filled from train.precision (bf16 weights and gradients, fp32 master).
 
 What is counted: every tensor storage this rank holds as parameters, gradients or optimizer
@@ -194,16 +194,15 @@ def total(snapshot: dict) -> int:
 
 
 def run_two_steps(replica, cfg, info, snapshot) -> dict:
-    """Train two steps through the Replica interface, as pipeline/train.py does (same accumulation
+    """Train two steps through the Replica interface, as pipeline/train/recipe.py does (same accumulation
     context, same autocast); the second step's snapshots: the largest per phase, and the peak."""
-    from pipeline import distributed
-    from pipeline.train import autocast_context
+    from pipeline.train.recipe import autocast_context
 
     by_phase: dict[str, dict] = {}
     for step in range(STEPS):
         for m in range(GRAD_ACCUM):
             ids, last = batch(step, m, info.rank), m == GRAD_ACCUM - 1
-            with distributed.micro_step(replica, last):
+            with replica.micro_step(last):
                 with autocast_context(cfg, info.device):
                     loss = loss_of(replica.forward(input_ids=ids, use_cache=False).logits, ids) / GRAD_ACCUM
                 replica.backward(loss, last)
@@ -220,11 +219,11 @@ def run_two_steps(replica, cfg, info, snapshot) -> dict:
 def measure_ddp(info, precision: str) -> dict:
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    from pipeline import distributed
+    from pipeline.train.parallel.replica import wrap_model
 
     model = tiny_gpt2()
     cfg = train_config(precision, "ddp")
-    replica = distributed.wrap_model(model, param_groups(model, 1e-4), cfg, info)
+    replica = wrap_model(model, param_groups(model, 1e-4), cfg, info)
     buckets: dict = {}
 
     def recording_hook(state, bucket):  # pass-through: only notes which buffers the reducer owns
@@ -239,7 +238,7 @@ def measure_ddp(info, precision: str) -> dict:
 
 
 def measure_zero(info, precision: str, name: str) -> dict:
-    from pipeline.deepspeed_engine import deepspeed_replica
+    from pipeline.train.parallel.zero import deepspeed_replica
 
     model = tiny_gpt2()
     psi = sum(p.numel() for p in model.parameters())
@@ -326,7 +325,7 @@ def main(argv: list[str]) -> int:
 
     import torch.distributed as dist
 
-    from pipeline import distributed
+    from pipeline.train.parallel import dist as distributed
 
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     info = distributed.init_distributed()

@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from docstring_corpus import build_rows, write_csv  # noqa: E402
 
 from pipeline.config import build_config  # noqa: E402
-from pipeline.methods import load_adapters  # noqa: E402
-from pipeline.registry import pull_version  # noqa: E402
+from pipeline.train.methods import load_adapters  # noqa: E402
+from pipeline.registry.store import pull_version  # noqa: E402
 from pipeline.stages import run_stages  # noqa: E402
-from pipeline.text_tokenizer import EOS, train_byte_level_bpe  # noqa: E402
+from pipeline.data.text_tokenizer import EOS, train_byte_level_bpe  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SUPPORT = REPO / "examples" / "data" / "support.csv"

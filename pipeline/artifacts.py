@@ -14,7 +14,6 @@ written to a local staging folder and uploaded file by file, manifest last, so t
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import fsspec
 
@@ -99,22 +98,6 @@ def canonical_json(value: Any) -> str:
 
 def hash_json(value: Any) -> str:
     return hashlib.sha256(canonical_json(value).encode()).hexdigest()
-
-
-def code_version(module_names: Iterable[str]) -> str:
-    """sha256 over the source of the modules a stage's output depends on.
-
-    Any edit to them changes the fingerprint: conservative, but a stale cache after a code
-    change is the failure users cannot see, so we pay for it with a recompute instead.
-    The files are found without importing them, so fingerprinting a cached run stays cheap.
-    """
-    digest = hashlib.sha256()
-    for name in module_names:
-        spec = importlib.util.find_spec(name)
-        if spec is None or not spec.origin:
-            raise ArtifactError(f"cannot find the source of module {name}")
-        digest.update(name.encode() + b"\0" + Path(spec.origin).read_bytes() + b"\0")
-    return digest.hexdigest()
 
 
 def fingerprint(stage: str, config: Any, parents: dict[str, str], code: str, content: Any = None) -> str:

@@ -151,7 +151,8 @@ def cmd_stage(args, cfg: PipelineConfig) -> int:
 
 
 def cmd_registry(args) -> int:
-    from pipeline import artifacts, registry
+    from pipeline import artifacts
+    from pipeline.registry import store as registry
 
     if args.registry_command == "list":
         rows = registry.list_versions(args.registry)
@@ -193,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError) as e:
         print(f"tunepipe: {e}", file=sys.stderr)
         return 2
+    if args.command in ("run", "stage"):
+        for line in cfg.ignored_settings():
+            print(f"tunepipe: warning: {line}", file=sys.stderr)
     return {"run": cmd_run, "stage": cmd_stage, "config": cmd_config}[args.command](args, cfg)
 
 

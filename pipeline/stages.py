@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from pipeline import artifacts
 from pipeline.artifacts import Artifact, StageOutput
+from pipeline.code_version import code_version
 from pipeline.config import PipelineConfig
 
 
@@ -26,12 +27,11 @@ class StageInputsChanged(RuntimeError):
 class Stage:
     name: str
     module: str
-    """Module with `run(...)` (and optionally `content_fingerprint(...)`)."""
+    """Module with `run(...)` (and optionally `content_fingerprint(...)`). Its import closure is the
+    stage's code version (code_version.py): nothing else needs listing."""
     sections: tuple[str, ...]
-    """Config sections handed to `run`, in order; exactly these are fingerprinted."""
+    """Config sections handed to `run`, in order; exactly these are fingerprinted (less their inactive keys)."""
     parents: tuple[str, ...] = ()
-    code: tuple[str, ...] = ()
-    """Further modules whose source is part of this stage's code version."""
     has_content: bool = False
     """The module has `content_fingerprint(*sections)`: bytes read from outside the pipeline."""
     has_external_output: bool = False
@@ -45,34 +45,14 @@ STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
         # `row_spec` is derived (PipelineConfig.row_spec): the task and the columns each row must hold.
-        Stage("ingest", "pipeline.ingest", ("data", "row_spec"), (), ("pipeline.ingest_readers", "pipeline.sources"), has_content=True),
-        Stage("sample", "pipeline.sample", ("sample", "row_spec"), ("ingest",), ("pipeline.dedup",)),
-        # content: the stop-word list, a data file that code_version does not see.
-        Stage("preprocess", "pipeline.preprocess", ("preprocess", "row_spec"), ("sample",), ("pipeline.normalize",), has_content=True),
-        Stage(
-            "tokenize",
-            "pipeline.tokenize",
-            ("tokenize", "model", "row_spec"),
-            ("preprocess",),
-            ("pipeline.text_tokenizer", "pipeline.packing"),
-            has_content=True,
-        ),
-        Stage(
-            "train",
-            "pipeline.launch",
-            ("model", "train"),
-            ("tokenize",),
-            (
-                "pipeline.train", "pipeline.modeling", "pipeline.checkpoint", "pipeline.distributed", "pipeline.data_loader",
-                "pipeline.methods", "pipeline.bottleneck", "pipeline.objectives", "pipeline.deepspeed_engine", "pipeline.observe",
-            ),
-            has_content=True,
-        ),
-        Stage(
-            "evaluate", "pipeline.evaluate", ("evaluate", "model"), ("preprocess", "tokenize", "train"),
-            ("pipeline.data_loader", "pipeline.metrics", "pipeline.methods", "pipeline.bottleneck"),
-        ),
-        Stage("publish", "pipeline.publish", ("registry", "evaluate"), ("tokenize", "train", "evaluate"), ("pipeline.registry",), has_external_output=True),
+        Stage("ingest", "pipeline.data.ingest", ("data", "row_spec"), (), has_content=True),
+        Stage("sample", "pipeline.data.sample", ("sample", "row_spec"), ("ingest",)),
+        # content: the stop-word list's digest when it is used (it is data, found beside normalize.py).
+        Stage("preprocess", "pipeline.data.preprocess", ("preprocess", "row_spec"), ("sample",), has_content=True),
+        Stage("tokenize", "pipeline.data.tokenize", ("tokenize", "model", "row_spec"), ("preprocess",), has_content=True),
+        Stage("train", "pipeline.train.stage", ("model", "train"), ("tokenize",), has_content=True),
+        Stage("evaluate", "pipeline.evaluate.stage", ("evaluate", "model"), ("preprocess", "tokenize", "train")),
+        Stage("publish", "pipeline.registry.publish", ("registry", "evaluate"), ("tokenize", "train", "evaluate"), has_external_output=True),
     ]
 }
 ORDER = list(STAGES)
@@ -114,12 +94,11 @@ def _fingerprint_and_content(name: str, cfg: PipelineConfig, parents: dict[str, 
     stage = STAGES[name]
     sections = _sections(stage, cfg)
     content = _content(stage, sections)
-    code = artifacts.code_version([stage.module, "pipeline.artifacts", *stage.code])
     fp = artifacts.fingerprint(
         name,
-        {s: section.fingerprint_dict() for s, section in zip(stage.sections, sections)},
+        {s: cfg.fingerprint_section(s) for s in stage.sections},
         {p: parents[p].fingerprint for p in stage.parents},
-        code,
+        code_version(stage.module),
         content,
     )
     return fp, content
@@ -183,12 +162,14 @@ def still_valid(stage: Stage, done: Artifact) -> bool:
     return stage.load().still_valid(done) if stage.has_external_output else True
 
 
-def preflight(cfg: PipelineConfig, until: str | None = None) -> None:
-    """Settings that cannot work on this machine fail here, before ingest reads a byte."""
+def preflight(cfg: PipelineConfig, until: str | None = None, log: Callable[[str], None] = print) -> None:
+    """Settings that cannot work on this machine fail here, before ingest reads a byte; settings
+    that run but will disappoint are said here, once."""
     if ORDER.index(until or ORDER[-1]) >= ORDER.index("train"):
-        from pipeline.launch import preflight as train_preflight
+        from pipeline.train.stage import preflight as train_preflight
 
-        train_preflight(cfg.model, cfg.train)
+        for warning in train_preflight(cfg.model, cfg.train):
+            log(f"warning: {warning}")
 
 
 def run_stages(
@@ -198,7 +179,7 @@ def run_stages(
     log: Callable[[str], None] = print,
 ) -> list[StageResult]:
     """Run (or load) every stage in order up to and including `until`, without Prefect."""
-    preflight(cfg, until)
+    preflight(cfg, until, log)
     artifacts.use_s3_endpoint(cfg.data.s3_endpoint_url)
     results: dict[str, StageResult] = {}
     for name in ORDER:

@@ -66,7 +66,7 @@ def test_pretrained_model_from_a_local_folder(tmp_path, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from pipeline.config import ModelConfig, TokenizeConfig
-    from pipeline.text_tokenizer import build_tokenizer
+    from pipeline.data.text_tokenizer import build_tokenizer
 
     folder = tmp_path / "base-model"
     texts = [line for line in (REPO / "examples" / "data" / "support.csv").read_text().splitlines()[:400]]
@@ -86,7 +86,7 @@ def test_pretrained_model_from_a_local_folder(tmp_path, capsys):
 
 
 def test_registry_list_and_verify_from_the_command_line(tmp_path, capsys):
-    from pipeline.registry import publish_version
+    from pipeline.registry.store import publish_version
 
     bundle = tmp_path / "bundle"
     (bundle / "model").mkdir(parents=True)

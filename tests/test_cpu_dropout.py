@@ -1,4 +1,4 @@
-"""pipeline/cpu_dropout.py: the cheaper CPU dropout keeps dropout's statistics, and its attention
+"""pipeline/train/cpu_dropout.py: the cheaper CPU dropout keeps dropout's statistics, and its attention
 path computes exactly transformers' sdpa when nothing is dropped."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from pipeline import cpu_dropout
+from pipeline.train import cpu_dropout
 
 
 def test_mask_drops_the_asked_fraction_and_follows_the_torch_seed():

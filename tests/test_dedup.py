@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from datasketch import MinHash
 
-from pipeline import dedup
+from pipeline.data import dedup
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import TrainConfig  # noqa: E402
-from pipeline.deepspeed_engine import DeepSpeedConfigError, DeepSpeedReplica, resolve_config  # noqa: E402
+from pipeline.train.parallel.zero import DeepSpeedReplica  # noqa: E402
+from pipeline.train.parallel.zero_config import DeepSpeedConfigError, resolve_config  # noqa: E402
 
 SHIPPED = {"zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}
 
@@ -164,7 +165,7 @@ def _fake_checkpoint(folder: Path, world_size: int, shards: int) -> None:
 def _info(world_size):
     import torch
 
-    from pipeline.distributed import DistInfo
+    from pipeline.train.parallel.dist import DistInfo
 
     return DistInfo(0, 0, world_size, "gloo", torch.device("cpu"))
 
@@ -222,8 +223,8 @@ def worker(out: Path) -> None:
     import torch.nn.functional as F
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from pipeline.deepspeed_engine import deepspeed_replica
-    from pipeline.distributed import init_distributed
+    from pipeline.train.parallel.zero import deepspeed_replica
+    from pipeline.train.parallel.dist import init_distributed
 
     info = init_distributed()
     rank, world, accum, micro, lr = info.rank, info.world_size, 2, 2, 1e-3
@@ -259,7 +260,7 @@ def worker(out: Path) -> None:
             norms.append(step_fn(0.5 + 0.25 * s))
         return norms
 
-    # DDP reference: one step, exactly what pipeline.distributed's DDP replica does.
+    # DDP reference: one step, exactly what pipeline.train.parallel.ddp does.
     ref = model()
     initial = {k: v.clone() for k, v in ref.state_dict().items()}
     ddp = torch.nn.parallel.DistributedDataParallel(ref)

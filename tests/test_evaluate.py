@@ -16,11 +16,14 @@ import torch
 from test_tokenize import MINILM, TRAIN, VALIDATION, needs_minilm, write_labelled, write_pairs, write_preprocessed
 from transformers import AutoTokenizer
 
-from pipeline import evaluate, methods, publish, tokenize
+from pipeline.data import tokenize
+from pipeline.evaluate import stage as evaluate
+from pipeline.registry import publish
+from pipeline.train import methods
 from pipeline.config import EvaluateConfig, build_config
-from pipeline.data_loader import open_split
-from pipeline.metrics import accuracy, macro_f1, rouge_l_pair
-from pipeline.modeling import build_model
+from pipeline.data.loader import open_split
+from pipeline.evaluate.metrics import accuracy, macro_f1, rouge_l_pair
+from pipeline.train.modeling import build_model
 
 MODEL = {"n_layer": 1, "n_head": 2, "n_embd": 32, "dropout": 0.0}
 
@@ -182,3 +185,37 @@ def test_seq2seq_loss_rouge_and_generations(tmp_path):
     ]
     assert metrics["gate"]["thresholds"] == {"min_rouge_l": 0.99}
     assert metrics["gate"]["passed"] == (metrics["rouge_l"] >= 0.99) == stats["gate_passed"]
+
+
+def test_prompt_tuned_model_generates_from_a_prompt_longer_than_its_context(tmp_path):
+    """A soft prompt takes positions too: generate keeps room for it, not only for the answer.
+
+    The model is built as the recipe builds it for prompt tuning (block + virtual tokens), and
+    the prompt is longer than the whole context; without the room, positions run past the table
+    (`IndexError: index out of range in self` in evaluate, as `train.method=prompt_tuning` did)."""
+    source = write_preprocessed(tmp_path / "pre", {"train": TRAIN, "validation": VALIDATION})
+    cfg, inputs, _ = stage_inputs(tmp_path, {"tokenize": {"vocab_size": 300, "block_size": 16}}, source)
+    meta = json.loads((inputs["tokenize"] / "meta.json").read_text())
+    virtual = 20
+    train_cfg = build_config({"train": {"method": "prompt_tuning", "num_virtual_tokens": virtual}}).train
+    base = build_model(cfg.model, "causal_lm", dict(meta, block_size=16 + virtual), seed=0)
+    model = methods.apply_method(base, train_cfg, "causal_lm").eval()
+    tokenizer = AutoTokenizer.from_pretrained(inputs["train"] / "tokenizer")
+    prompt = " ".join(row[0] for row in TRAIN * 4)
+    assert len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) > 16 + virtual
+
+    text = evaluate.generate(model, tokenizer, prompt, max_new_tokens=4)
+
+    # The same greedy answer, step by step with full forwards: soft prompt + the prompt's last
+    # context - answer - virtual tokens, so every position fits the table.
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    current = ids[:, -(16 + virtual - 4 - virtual):]
+    with torch.no_grad():
+        for _ in range(4):
+            step = model(input_ids=current).logits[:, -1].argmax(-1, keepdim=True)
+            current = torch.cat([current, step], dim=1)
+            if step.item() == tokenizer.eos_token_id:
+                break
+    assert text == tokenizer.decode(current[0, 16 - 4:], skip_special_tokens=True)
+    with pytest.raises(IndexError):  # what the old room (context - answer) did: the soft prompt pushes past the table
+        model(input_ids=ids[:, -(16 + virtual - 4):])

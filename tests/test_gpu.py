@@ -9,7 +9,7 @@ import torch
 from test_trainer_golden import make_blocks, run_losses
 
 from pipeline.config import TrainConfig
-from pipeline.train import autocast_context
+from pipeline.train.recipe import autocast_context
 
 pytestmark = pytest.mark.gpu
 
@@ -37,7 +37,7 @@ def test_qlora_trains_lora_on_a_4bit_base(tmp_path):
     pytest.importorskip("bitsandbytes")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline import train
+    from pipeline.train import recipe
 
     make_blocks(tmp_path / "tok")  # vocab 97, blocks of 16
     base = tmp_path / "base"
@@ -49,7 +49,7 @@ def test_qlora_trains_lora_on_a_4bit_base(tmp_path):
     for o in ["model.init=pretrained", f"model.name={base}", "train.method=qlora", "train.max_steps=20", "train.lr=1e-2",
               "train.warmup_steps=2", "train.micro_batch_size=8", "train.save_every_steps=10"]:
         args += ["--set", o]
-    assert train.main(args) == 0
+    assert recipe.main(args) == 0
     stats = json.loads((tmp_path / "out" / "train_stats.json").read_text())
     assert stats["method"] == "qlora" and stats["trainable_params"] < stats["total_params"]
     assert (tmp_path / "out" / "model" / "adapter_model.safetensors").exists()

@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from pipeline import ingest, sources, stages
+from pipeline import stages
+from pipeline.data import ingest, sources
 from pipeline.config import build_config
 
 
@@ -436,7 +437,7 @@ def test_reading_text_never_imports_pandas(tmp_path):
     pq.write_table(pa.table({"prompt": ["q", None], "response": pa.array([b"a", b"\xff"]), "n": [[1], [2]]}),
                    tmp_path / "c.parquet")
     code = (
-        "import sys; from pathlib import Path; from pipeline import ingest; from pipeline.config import build_config\n"
+        "import sys; from pathlib import Path; from pipeline.data import ingest; from pipeline.config import build_config\n"
         f"cfg = build_config({{'data': {{'source': {str(tmp_path / '*.*')!r}, 'max_reject_fraction': 1.0}}}})\n"
         f"stats = ingest.run(cfg.data, cfg.row_spec, inputs={{}}, out=Path({str(tmp_path / 'out')!r}), scratch=Path('.'))\n"
         "print(stats['rows_out'], stats['rows_rejected'], 'pandas' in sys.modules)\n"

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import ingest
+from pipeline.data import ingest
 from pipeline.config import build_config
 
 FILES = 300

@@ -35,7 +35,7 @@ def test_the_prefect_pattern_catches_both_spellings():
 
 def test_importing_every_pipeline_module_leaves_prefect_unloaded():
     # A fresh interpreter: in this one, another test may have imported Prefect already.
-    names = [module_name(p) for p in PIPELINE_SOURCES]
+    names = [module_name(p) for p in PIPELINE_SOURCES if p.name != "__main__.py"]  # __main__ runs, it is not imported
     code = (
         "import importlib, json, sys\n"
         f"for name in {names!r}:\n"
@@ -95,3 +95,87 @@ def test_cli_help_lists_the_commands():
     assert done.stdout.startswith("usage: tunepipe")
     for command in ("run", "stage", "registry"):
         assert re.search(rf"^\s+{command}\s", done.stdout, re.MULTILINE), command
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Project module -> the project modules it imports (anywhere in the file, lazy imports too)."""
+    from pipeline.code_version import _scan_file, module_file
+
+    graph = {}
+    for path in [*PIPELINE_SOURCES, *sorted((ROOT / "flows").rglob("*.py"))]:
+        names, _ = _scan_file(path)
+        graph[module_name(path)] = {n for n in names if n.split(".")[0] in ("pipeline", "flows") and module_file(n)} - {module_name(path)}
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Each import cycle found by a depth-first walk, as the path that closes it."""
+    state: dict[str, str] = {}
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return cycles
+
+
+def test_no_import_cycle_among_project_modules():
+    graph = import_graph()
+    assert len(graph) >= 40
+    assert graph["pipeline.train.parallel.replica"] >= {"pipeline.train.parallel.ddp", "pipeline.train.parallel.zero"}
+    assert find_cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert find_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_modules_stay_small():
+    sizes = {p.relative_to(ROOT).as_posix(): len(p.read_text().splitlines()) for p in [*PIPELINE_SOURCES, *(ROOT / "flows").rglob("*.py")]}
+    assert {path: n for path, n in sizes.items() if n > 450} == {}
+
+
+def test_each_stage_lives_in_the_package_of_its_concept():
+    from pipeline.code_version import module_file
+    from pipeline.stages import STAGES
+
+    homes = {name: module_file(stage.module).relative_to(ROOT).as_posix() for name, stage in STAGES.items()}
+    assert homes == {
+        "ingest": "pipeline/data/ingest.py",
+        "sample": "pipeline/data/sample.py",
+        "preprocess": "pipeline/data/preprocess.py",
+        "tokenize": "pipeline/data/tokenize.py",
+        "train": "pipeline/train/stage.py",
+        "evaluate": "pipeline/evaluate/stage.py",
+        "publish": "pipeline/registry/publish.py",
+    }
+
+
+def test_every_method_the_config_accepts_has_an_object():
+    from typing import get_args
+
+    from pipeline.config import TrainConfig
+    from pipeline.train.methods import METHODS
+
+    assert set(get_args(TrainConfig.model_fields["method"].annotation)) == set(METHODS)
+    assert all(method.name == name for name, method in METHODS.items())
+
+
+def test_no_code_outside_a_method_branches_on_its_name():
+    """`method == "lora"` and friends belong in the method's own module (train/methods/)."""
+    from pipeline.train.methods import METHODS
+
+    pattern = re.compile(r"""(method\s*(==|!=|in)\s*[("'])|(["'](%s)["']\s*(==|!=|in))""" % "|".join(METHODS))
+    outside = [p for p in PIPELINE_SOURCES if "methods" not in p.parts and p.name != "pipeline.py"]
+    offenders = [f"{p.relative_to(ROOT)}:{i}" for p in outside for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert offenders == []

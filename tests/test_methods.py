@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from pipeline.config import TrainConfig
-from pipeline.methods import (
+from pipeline.train.methods import (
     ADAPTER_WEIGHTS, apply_method, base_load_kwargs, check_method_runtime, count_parameters, embedding_modules,
     head_modules, load_adapters, load_trained, parameter_groups, save_trained, transformer_blocks, virtual_tokens,
 )

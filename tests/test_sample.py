@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import sample, stages
+from pipeline import stages
+from pipeline.data import sample
 from pipeline.artifacts import Artifact
 from pipeline.config import ConfigError, build_config
 

@@ -9,10 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from pipeline import stages, tokenize
+from pipeline import stages
+from pipeline.data import tokenize
 from pipeline.artifacts import Artifact
 from pipeline.config import build_config
-from pipeline.text_tokenizer import CHATML_TOKENS, EOS, ChatTemplateError, build_tokenizer, train_byte_level_bpe
+from pipeline.data.text_tokenizer import CHATML_TOKENS, EOS, ChatTemplateError, build_tokenizer, train_byte_level_bpe
 
 TRAIN = [
     (f"### Question:\nHow do I reset router {i}?\n### Answer:\n", f"Hold the reset button for {i % 7 + 3} seconds, then wait.")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from test_trainer_golden import make_blocks
 
-from pipeline import train
-from pipeline.checkpoint import complete_checkpoints
+from pipeline.train import recipe
+from pipeline.train.checkpoint import complete_checkpoints
 
 
 def add_validation(folder, vocab=97, blocks=16, length=16):
@@ -27,14 +27,14 @@ def run(tmp_path, *overrides):
     base = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "train.warmup_steps=0", "train.micro_batch_size=4"]
     for o in [*base, *overrides]:
         args += ["--set", o]
-    return train.main(args)
+    return recipe.main(args)
 
 
 def test_non_finite_loss_stops_within_one_step_and_keeps_the_last_checkpoint(tmp_path, capsys):
     make_blocks(tmp_path / "tok")
     # An absurd learning rate: step 1 is finite, its update throws the weights to ~1e30, and
     # step 2's forward overflows.
-    with pytest.raises(train.NonFiniteLoss, match=r"step 2: (loss|gradient norm) is (nan|inf)") as error:
+    with pytest.raises(recipe.NonFiniteLoss, match=r"step 2: (loss|gradient norm) is (nan|inf)") as error:
         run(tmp_path, "train.lr=1e30", "train.max_steps=20", "train.save_every_steps=1", "train.min_lr_ratio=1")
     assert "step_00000001" in str(error.value)
     assert [p.name for p in complete_checkpoints(tmp_path / "ckpt")] == ["step_00000001"]

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from tiny import REPO
 
-from pipeline import methods, train
+from pipeline.train import methods, recipe
 from pipeline.config import build_config
 from pipeline.stages import run_stages
 
@@ -51,7 +51,7 @@ def run_train(tmp_path: Path, tokenized: Path, *overrides: str) -> Path:
     ]
     for o in [*base, *overrides]:
         args += ["--set", o]
-    assert train.main(args) == 0
+    assert recipe.main(args) == 0
     return tmp_path / "out"
 
 
@@ -82,8 +82,12 @@ def test_every_method_trains_every_task(tmp_path, tokenized, task, method):
     else:
         assert stats["trainable_params"] < stats["total_params"]
     model = methods.load_trained(out / "model", task, base=out / "base" if (out / "base").exists() else None)
-    assert model is not None
-    if method in (*methods.PEFT_METHODS, "adapters"):
+    # What was saved is what trained: every trainable tensor of the last checkpoint, loaded back.
+    last = sorted((tmp_path / "ckpt").glob("step_*/replica.pt"))[-1]
+    trained = torch.load(last, weights_only=False)["model"]
+    loaded = model.state_dict()
+    assert trained and all(torch.equal(loaded[name], tensor) for name, tensor in trained.items())
+    if methods.METHODS[method].adapters_only:
         # Only the adapter is published: a fraction of the base model's bytes.
         adapter_bytes = sum(p.stat().st_size for p in (out / "model").rglob("*") if p.is_file())
         base_bytes = sum(p.stat().st_size for p in (out / "base").rglob("*") if p.is_file())
@@ -100,7 +104,7 @@ def test_frozen_weights_stay_bit_identical(tmp_path, tokenized, method):
     assert trained, "nothing trained"
     base_folder = out / "base" if (out / "base").exists() else None
     if base_folder is None:  # freeze publishes the full model: compare it with a fresh init
-        from pipeline.modeling import build_model
+        from pipeline.train.modeling import build_model
 
         cfg = build_config({"model": MODEL})
         meta = json.loads((tokenized[task] / "meta.json").read_text())

@@ -1,0 +1,140 @@
+"""The whole pipeline's config, what each row must hold (`RowSpec`), and which keys a run ignores.
+
+A key that the chosen task, template, method, strategy or init ignores is inactive: it is left
+out of its stage's fingerprint (changing it must not throw away a valid cache) and, when a user
+set it, `ignored_settings` names it so the run can say so once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import model_validator
+
+from pipeline.config.base import Section
+from pipeline.config.data import DataConfig, PreprocessConfig, SampleConfig, TokenizeConfig
+from pipeline.config.publish import EvaluateConfig, RegistryConfig
+from pipeline.config.train import ModelConfig, TrainConfig
+
+
+class RowSpec(Section):
+    """Derived from the config, never written by users: what each ingested row must hold for this
+    task. Ingest checks these columns and sample dedups on them, so this is what their fingerprints
+    hash (not the whole preprocess section: editing a template must not re-ingest)."""
+
+    task: str
+    template: str
+    """The row layout: the preprocess template for causal_lm, else the task itself (which ignores templates)."""
+    columns: dict[str, str]
+    """Role (prompt, response, ...) -> column name, for the roles this task and template read."""
+    optional: tuple[str, ...] = ()
+    """Roles whose column may be absent or empty (the instruction template's input)."""
+
+    @property
+    def required_columns(self) -> list[str]:
+        return [c for role, c in self.columns.items() if role not in self.optional]
+
+
+def _role_fields(task: str, template: str) -> tuple[dict[str, str], tuple[str, ...]]:
+    """Role -> the DataConfig field naming its column, and the optional roles."""
+    if task == "classification":
+        return {"text": "text_column", "label": "label_column"}, ()
+    if task == "seq2seq":
+        return {"source": "text_column", "target": "target_column"}, ()
+    if template == "prompt_response":
+        return {"prompt": "prompt_column", "response": "response_column"}, ()
+    if template == "instruction":
+        return {"instruction": "instruction_column", "input": "input_column", "output": "output_column"}, ("input",)
+    if template == "chat":
+        return {"messages": "messages_column"}, ()
+    return {"text": "text_column"}, ()
+
+
+_TEMPLATE_FIELDS = {  # preprocess fields each causal LM template reads
+    "prompt_response": ("prompt_template", "response_template"),
+    "instruction": ("instruction_template", "instruction_template_no_input"),
+    "chat": (),
+    "text": (),
+}
+_METHOD_FIELDS = {  # train fields only these methods read
+    "lora_r": ("lora", "qlora"), "lora_alpha": ("lora", "qlora"), "lora_dropout": ("lora", "qlora"),
+    "lora_target_modules": ("lora", "qlora"), "num_virtual_tokens": ("prompt_tuning",),
+    "prompt_init_text": ("prompt_tuning",), "adapter_size": ("adapters",), "trainable_blocks": ("freeze",),
+}
+
+
+class PipelineConfig(Section):
+    task: Literal["causal_lm", "classification", "seq2seq"] = "causal_lm"
+    """What the model learns: `causal_lm` (next-token / instruction SFT), `classification` (text -> label), `seq2seq` (source -> target)."""
+    data: DataConfig = DataConfig()
+
+    sample: SampleConfig = SampleConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+    @model_validator(mode="after")
+    def _train_options_agree(self) -> "PipelineConfig":
+        t = self.train
+        if t.early_stopping_patience is not None and t.eval_every_steps is None:
+            raise ValueError("train.early_stopping_patience needs train.eval_every_steps (how often to validate)")
+        if t.early_stopping_metric == "accuracy" and self.task != "classification":
+            raise ValueError(f"train.early_stopping_metric 'accuracy' needs task classification (task is {self.task!r})")
+        return self
+
+    @property
+    def row_spec(self) -> RowSpec:
+        layout = self.preprocess.template if self.task == "causal_lm" else self.task
+        fields, optional = _role_fields(self.task, self.preprocess.template)
+        columns = {role: getattr(self.data, field) for role, field in fields.items()}
+        return RowSpec(task=self.task, template=layout, columns=columns, optional=optional)
+
+    def inactive_keys(self) -> dict[str, str]:
+        """Dotted key -> why this config's run ignores it."""
+        out: dict[str, str] = {}
+        t, m = self.train, self.model
+        used_columns = set(_role_fields(self.task, self.preprocess.template)[0].values())
+        for field in DataConfig.model_fields:
+            if field.endswith("_column") and field not in used_columns:
+                why = f"preprocess.template is {self.preprocess.template}" if self.task == "causal_lm" else f"task is {self.task}"
+                out[f"data.{field}"] = why
+        template_fields = {f for fields in _TEMPLATE_FIELDS.values() for f in fields}
+        if self.task != "causal_lm":
+            for field in ("template", *sorted(template_fields)):
+                out[f"preprocess.{field}"] = f"task is {self.task} (templates are for causal_lm)"
+        else:
+            for field in sorted(template_fields - set(_TEMPLATE_FIELDS[self.preprocess.template])):
+                out[f"preprocess.{field}"] = f"preprocess.template is {self.preprocess.template}"
+        if m.init == "pretrained":
+            out["tokenize.vocab_size"] = "model.init is pretrained (the model's own tokenizer is used)"
+            for field in ("n_layer", "n_head", "n_embd", "dropout"):
+                out[f"model.{field}"] = "model.init is pretrained (the checkpoint sets the architecture)"
+        else:
+            out["model.name"] = "model.init is scratch (a fresh GPT-2 or T5 of model.n_layer x n_embd)"
+        for field, methods in _METHOD_FIELDS.items():
+            if t.method not in methods:
+                out[f"train.{field}"] = f"train.method is {t.method}"
+        if t.strategy != "deepspeed":
+            out["train.deepspeed_config"] = f"train.strategy is {t.strategy}"
+        if t.eval_every_steps is None:
+            out["train.eval_batches"] = "train.eval_every_steps is not set (no validation during training)"
+        if t.early_stopping_patience is None:
+            out["train.early_stopping_metric"] = "train.early_stopping_patience is not set"
+        return out
+
+    def fingerprint_section(self, name: str) -> dict[str, Any]:
+        """The part of section `name` that its stage's fingerprint hashes: inactive keys left out."""
+        inactive = {key.split(".", 1)[1] for key in self.inactive_keys() if key.startswith(name + ".")}
+        return {k: v for k, v in getattr(self, name).fingerprint_dict().items() if k not in inactive}
+
+    def ignored_settings(self) -> list[str]:
+        """One line per key the user set (in the YAML or with --set) that this run ignores."""
+        lines = []
+        for key, why in self.inactive_keys().items():
+            section, field = key.split(".", 1)
+            if field in getattr(self, section).model_fields_set:
+                lines.append(f"{key} is set but ignored: {why}; it is not part of the cache key")
+        return lines

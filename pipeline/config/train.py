@@ -1,0 +1,114 @@
+"""The model a run starts from, and how it trains."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.config.base import Section
+
+
+class ModelConfig(Section):
+    name: str = "gpt2"
+    """`init: pretrained`: the Hugging Face model id or local folder to load. Ignored with `init: scratch`."""
+    init: Literal["scratch", "pretrained"] = "scratch"
+    """`scratch`: a fresh model of the size below with a BPE tokenizer trained on the data; `pretrained`: load `name` (weights and tokenizer)."""
+    n_layer: int = Field(2, gt=0)
+    """Transformer blocks (scratch only)."""
+    n_head: int = Field(2, gt=0)
+    """Attention heads (scratch only)."""
+    n_embd: int = Field(64, gt=0)
+    """Hidden size (scratch only)."""
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    """Dropout for residual, embedding and attention (scratch only)."""
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ModelConfig":
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        return self
+
+
+class TrainConfig(Section):
+    not_fingerprinted: ClassVar[frozenset[str]] = frozenset({"save_every_steps", "keep_last_checkpoints", "log_every_steps"})
+
+    seed: int = 0
+    """Seed for initialisation, dropout and data order."""
+    lr: float = Field(1e-3, gt=0.0)
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = Field(0.01, ge=0.0)
+    """AdamW weight decay."""
+    warmup_steps: int = Field(20, ge=0)
+    """Linear warmup steps before the cosine decay."""
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    """The cosine decays to lr * min_lr_ratio at max_steps."""
+    max_steps: int = Field(200, gt=0)
+    """Optimizer steps to train."""
+    micro_batch_size: int = Field(8, gt=0)
+    """Blocks per rank per forward pass."""
+    grad_accum_steps: int = Field(1, gt=0)
+    """Micro-batches accumulated per optimizer step. Global batch = micro_batch_size x grad_accum_steps x world size."""
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    """Gradient clipping norm."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """`auto`: bf16 on a CUDA device that supports it, fp32 elsewhere. `fp16` (CUDA only) adds dynamic loss scaling."""
+    group_by_length: bool = False
+    """Rows padded per batch (packing none, classification, seq2seq): draw them in groups of 64 sorted by
+    length, so batches pad less. Faster; on small data it can cost some validation loss (docs/benchmarks.md)."""
+    gradient_checkpointing: bool = False
+    """Recompute block activations in the backward pass: less memory, about a third more compute."""
+    fast_cpu_dropout: bool = False
+    """Opt-in CPU-only speed-up: draw dropout masks 16 bits per element instead of with torch's
+    bernoulli (25% of a small GPT-2's step on 2 cores) and run attention dropout in our own math
+    path: 1.2-1.4x faster steps, other masks than torch's (the drop probability is rounded to a
+    multiple of 1/65536). Ignored on CUDA, which always uses torch's dropout (train/cpu_dropout.py)."""
+
+    method: Literal["full", "freeze", "lora", "qlora", "prompt_tuning", "adapters"] = "full"
+    """What trains. `full`: every weight; `freeze`: the top `trainable_blocks` blocks and the head;
+    `lora` / `qlora` (4-bit base, CUDA + bitsandbytes): low-rank adapters (PEFT); `prompt_tuning`:
+    soft prompt vectors (PEFT); `adapters`: bottleneck adapters after each block (train/methods/bottleneck.py)."""
+    trainable_blocks: int = Field(2, ge=0)
+    """`freeze`: how many of the top transformer blocks train (with the head); embeddings stay frozen."""
+    layer_lr_decay: float = Field(1.0, gt=0.0, le=1.0)
+    """Layer-wise learning rates: block i of n trains at lr x decay^(n - i), embeddings at lr x decay^(n + 1). 1.0 = off."""
+    head_lr: float | None = Field(None, gt=0.0)
+    """Learning rate of the output head (LM head, classifier); default: `lr`."""
+    lora_r: int = Field(8, gt=0)
+    """LoRA rank."""
+    lora_alpha: int = Field(16, gt=0)
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+    lora_target_modules: list[str] | None = None
+    """Module names LoRA wraps; default: the attention projections of the architecture (PEFT's table, else a search)."""
+    num_virtual_tokens: int = Field(20, gt=0)
+    """`prompt_tuning`: soft prompt length."""
+    prompt_init_text: str | None = None
+    """`prompt_tuning`: initialise the soft prompt from this text's token embeddings (e.g. "Summarize the following"); default: random."""
+    adapter_size: int = Field(16, gt=0)
+    """`adapters`: bottleneck width of each adapter."""
+
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    """Data parallelism: `ddp` (torch DistributedDataParallel) or `deepspeed` (ZeRO, see deepspeed_config)."""
+    deepspeed_config: str = "zero2"
+    """`zero1`, `zero2`, `zero3`, `zero3_offload` (files in deepspeed_configs/) or a path to a JSON; its `auto` values are filled from this section."""
+
+    eval_every_steps: int | None = Field(None, gt=0)
+    """Validate every N steps (validation loss; accuracy for classification) and log it; default: never during training."""
+    early_stopping_patience: int | None = Field(None, gt=0)
+    """Stop when the validation metric has not improved for this many validations (needs eval_every_steps)."""
+    early_stopping_metric: Literal["eval_loss", "accuracy"] = "eval_loss"
+    """Validation metric early stopping watches (`accuracy`: classification only)."""
+    eval_batches: int = Field(20, gt=0)
+    """Validation batches (of micro_batch_size rows) scored at each validation during training."""
+    tensorboard: bool = True
+    """Write TensorBoard event files (loss, lr, grad norm, tokens/s, MFU on GPU) under the train output's `tensorboard/`."""
+    save_every_steps: int = Field(50, gt=0)
+    """Write a resumable checkpoint every N steps (and at the end)."""
+    keep_last_checkpoints: int = Field(2, gt=0)
+    """Older complete checkpoints beyond this many are deleted; the newest complete one never is."""
+    log_every_steps: int = Field(10, gt=0)
+    """Log loss, learning rate and throughput every N steps."""
+    nproc_per_node: int = Field(1, gt=0)
+    """Processes `torchrun` starts on this node (one per GPU; on CPU, gloo ranks)."""

@@ -1,0 +1,78 @@
+"""Publish the tuned model as an immutable registry version, behind the evaluation gate.
+
+The version holds `model/`, `tokenizer/`, `metrics.json`, `config.yaml` (the resolved config
+of every stage that led here) and `lineage.json` (each ancestor stage's fingerprint, config,
+stats and content hashes, down to the sha256 of the raw data files), plus `manifest.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline import artifacts
+from pipeline.artifacts import MANIFEST, Artifact
+from pipeline.config import EvaluateConfig, RegistryConfig
+from pipeline.registry.store import publish_version
+
+
+class GateFailed(RuntimeError):
+    pass
+
+
+def lineage(start: list[Path]) -> dict[str, dict[str, Any]]:
+    """Walk parent links from the given committed folders up to ingest: stage -> manifest summary."""
+    found: dict[str, dict[str, Any]] = {}
+    queue = [artifacts.read_json(str(p / MANIFEST)) for p in start]
+    while queue:
+        manifest = queue.pop()
+        if manifest["stage"] in found:
+            continue
+        found[manifest["stage"]] = {
+            "fingerprint": manifest["fingerprint"],
+            "config": manifest.get("config", {}),
+            "content": manifest.get("content"),
+            "stats": manifest.get("stats", {}),
+        }
+        for parent in manifest.get("parents", {}).values():
+            queue.append(artifacts.read_json(artifacts.join(parent["url"], MANIFEST)))
+    return found
+
+
+def run(registry: RegistryConfig, evaluate: EvaluateConfig, *, inputs: dict[str, Path], out: Path, scratch: Path) -> dict:
+    metrics = json.loads((inputs["evaluate"] / "metrics.json").read_text())
+    gate = metrics["gate"]
+    if not gate["passed"]:
+        # evaluate wrote one line per missed threshold, naming the metric, its value and the setting.
+        reasons = "; ".join(gate.get("failed") or [f"thresholds {gate.get('thresholds')}"])
+        raise GateFailed(f"evaluation gate ({metrics.get('task', 'causal_lm')}): {reasons}; not publishing")
+    stages = lineage([inputs["evaluate"], inputs["train"]])
+    source = {name: stages[name]["fingerprint"] for name in ("tokenize", "train", "evaluate")}
+    version = registry.version or artifacts.hash_json({"source": source, "registry": registry.model_name})[:12]
+
+    bundle = scratch / "bundle"
+    shutil.rmtree(bundle, ignore_errors=True)
+    shutil.copytree(inputs["train"] / "model", bundle / "model")
+    shutil.copytree(inputs["train"] / "tokenizer", bundle / "tokenizer")
+    shutil.copy(inputs["evaluate"] / "metrics.json", bundle / "metrics.json")
+    resolved = {}
+    for stage in stages.values():
+        resolved.update(stage["config"])
+    (bundle / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=True))
+    (bundle / "lineage.json").write_text(json.dumps(stages, indent=2, sort_keys=True, default=str))
+
+    url, written = publish_version(bundle, registry.url, registry.model_name, version, source)
+    shutil.rmtree(bundle, ignore_errors=True)
+    (out / "published.json").write_text(json.dumps({"url": url, "version": version}, indent=2))
+    scores = {k: metrics[k] for k in ("perplexity", "accuracy", "macro_f1", "rouge_l") if k in metrics}
+    return {"version": version, "url": url, "newly_published": written, **scores}
+
+
+def still_valid(done: Artifact) -> bool:
+    """A cached publish counts only while its registry version still exists."""
+    published = artifacts.read_json(artifacts.join(done.url, "published.json"))
+    return artifacts.exists(artifacts.join(published["url"], MANIFEST))
