@@ -1,4 +1,5 @@
-"""Shared fixtures. S3 tests run against a real `moto_server` subprocess on a free port.
+"""Shared fixtures: `one_thread` for tiny in-process models, and S3 through a real `moto_server`
+subprocess on a free port (shared helpers that are not fixtures are in tiny.py).
 
     python -m pytest -q -m integration      # the S3 tests (and the rest of the integration tier)
 
@@ -49,6 +50,21 @@ def _wait_until_answering(process: subprocess.Popen, log: Path) -> str:
                 pass
         time.sleep(0.1)
     raise RuntimeError(f"moto_server did not answer within {_STARTUP_SECONDS}s:\n{log.read_text(errors='replace')}")
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tiny models: on a busy machine a second thread only spin-waits (3
+    tiny-T5 steps took 16 s with 2 threads and 0.2 s with 1 on the shared 2-core box), and one
+    thread reduces in the same order on every machine, so recorded values repeat.
+
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

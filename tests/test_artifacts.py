@@ -9,6 +9,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from tiny import write_tree
 
 from pipeline import artifacts, stages
 from pipeline.artifacts import MANIFEST, Artifact, StageOutput
@@ -17,15 +18,9 @@ from pipeline.config import build_config
 FILES = {"a.txt": b"alpha\n", "sub/b.bin": bytes(range(256)), "sub/deeper/c.json": b'{"c": 3}'}
 
 
-def write_files(folder: Path, files: dict[str, bytes] = FILES) -> None:
-    for rel, data in files.items():
-        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-        (folder / rel).write_bytes(data)
-
-
 def commit_local(root: Path, fp: str = "fp1") -> Artifact:
     out = StageOutput(str(root), "demo", fp)
-    write_files(out.prepare())
+    write_tree(out.prepare(), FILES)
     return out.commit({"rows": 3}, {"config": {"demo": {"x": 1}}, "parents": {}})
 
 
@@ -59,7 +54,7 @@ def test_commit_writes_a_manifest_with_every_sha256_and_the_stats(tmp_path):
 
 def test_a_nested_file_named_like_the_manifest_is_content(tmp_path):
     out = StageOutput(str(tmp_path), "demo", "fp1")
-    write_files(out.prepare(), {"model/manifest.json": b"{}", "a.txt": b"a"})
+    write_tree(out.prepare(), {"model/manifest.json": b"{}", "a.txt": b"a"})
     artifact = out.commit({}, {})
 
     assert set(json.loads((Path(artifact.url) / MANIFEST).read_text())["files"]) == {"a.txt", "model/manifest.json"}
@@ -93,7 +88,7 @@ def test_verify_names_an_extra_file(tmp_path):
 
 def test_verify_and_load_refuse_an_uncommitted_folder(tmp_path):
     out = StageOutput(str(tmp_path), "demo", "fp1")
-    write_files(out.prepare())
+    write_tree(out.prepare(), FILES)
 
     assert artifacts.load_committed(out.url) is None
     assert out.committed() is None
@@ -103,7 +98,7 @@ def test_verify_and_load_refuse_an_uncommitted_folder(tmp_path):
 
 def test_prepare_clears_an_interrupted_write(tmp_path):
     out = StageOutput(str(tmp_path), "demo", "fp1")
-    write_files(out.prepare())
+    write_tree(out.prepare(), FILES)
     assert StageOutput(str(tmp_path), "demo", "fp1").prepare() == Path(out.url)
     assert list(Path(out.url).iterdir()) == []
 
@@ -143,7 +138,7 @@ def test_remote_commit_uploads_manifest_last_and_leaves_no_staging(tmp_path, mon
     assert StageOutput(root, "demo", "fp1").committed() is None
     assert list((tmp_path / "tmp").iterdir()) == []  # checking for a cached output stages nothing
     out = StageOutput(root, "demo", "fp1")
-    write_files(out.prepare())
+    write_tree(out.prepare(), FILES)
     artifact = out.commit({"rows": 3}, {})
 
     assert [p.rsplit("/fp1/", 1)[1] for p in order] == [*sorted(FILES), MANIFEST]
@@ -191,7 +186,7 @@ def test_s3_commit_verify_and_download(tmp_path, s3_bucket, monkeypatch):
     root = f"s3://{s3_bucket}/work"
     out = StageOutput(root, "demo", "fp1")
     assert out.committed() is None
-    write_files(out.prepare())
+    write_tree(out.prepare(), FILES)
     artifact = out.commit({"rows": 3}, {})
 
     assert artifact.url == f"s3://{s3_bucket}/work/demo/fp1"
@@ -215,7 +210,7 @@ def test_s3_commit_verify_and_download(tmp_path, s3_bucket, monkeypatch):
 def test_s3_download_refuses_a_corrupt_file(tmp_path, s3_bucket, monkeypatch):
     monkeypatch.setenv("TUNEPIPE_CACHE", str(tmp_path / "cache"))
     out = StageOutput(f"s3://{s3_bucket}/work", "demo", "fp1")
-    write_files(out.prepare())
+    write_tree(out.prepare(), FILES)
     artifact = out.commit({}, {})
     fsspec.filesystem("s3").pipe_file(f"{s3_bucket}/work/demo/fp1/sub/b.bin", b"corrupt")
 

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from tiny import QUICKSTART, REPO, cli_args, cli_command
+from tiny import QUICKSTART, REPO, cli_args, cli_command, read_rejects, write_tree
 
 from pipeline import cli
 
@@ -49,8 +49,11 @@ def test_stage_ingest_counts_rejects_of_a_malformed_csv(tmp_path, capsys):
     stats = summary["stages"][0]["stats"]
     assert stats["rows_in"] == stats["rows_out"] + stats["rows_rejected"]
     assert (stats["rows_out"], stats["rows_rejected"]) == (1000, 3)
-    rejects = [json.loads(line) for line in (Path(summary["stages"][0]["output"]) / "rejects.jsonl").read_text().splitlines()]
-    assert len(rejects) == 3 and all(r["reason"] and r["file"].endswith("pairs.csv") for r in rejects)
+    # Each at its physical line: the header is line 1 and every record spans two lines.
+    assert [(r["line"], r["reason"]) for r in read_rejects(summary["stages"][0]["output"])] == [
+        (102, "expected 2 fields, got 3"), (503, "expected 2 fields, got 1"), (904, "'response' is empty"),
+    ]
+    assert {r["file"] for r in read_rejects(summary["stages"][0]["output"])} == {str(source)}
 
 
 def test_config_keys_lists_every_documented_key(capsys):
@@ -88,10 +91,7 @@ def test_pretrained_model_from_a_local_folder(tmp_path, capsys):
 def test_registry_list_and_verify_from_the_command_line(tmp_path, capsys):
     from pipeline.registry.store import publish_version
 
-    bundle = tmp_path / "bundle"
-    (bundle / "model").mkdir(parents=True)
-    (bundle / "model" / "weights.bin").write_bytes(b"\x00" * 1000)
-    (bundle / "metrics.json").write_text(json.dumps({"perplexity": 3.25}))
+    bundle = write_tree(tmp_path / "bundle", {"model/weights.bin": b"\x00" * 1000, "metrics.json": b'{"perplexity": 3.25}'})
     publish_version(bundle, str(tmp_path / "reg"), "demo", "v1", {"train": "abc"})
 
     assert cli.main(["registry", "list", "--registry", str(tmp_path / "reg")]) == 0

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pydantic
 import pytest
+import yaml
 
 from pipeline import stages
 from pipeline.artifacts import Artifact
@@ -22,7 +24,11 @@ def test_there_are_presets_to_check():
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_every_shipped_preset_loads(path):
     cfg = load_config(path)
-    assert isinstance(cfg, PipelineConfig)
+    # Every value the preset sets is the value the config holds: none dropped, renamed or replaced by a default.
+    written = {}
+    for section, values in yaml.safe_load(path.read_text()).items():  # sections, and scalars such as `task:`
+        written.update({f"{section}.{k}": v for k, v in values.items()} if isinstance(values, dict) else {section: values})
+    assert {name: functools.reduce(getattr, name.split("."), cfg) for name in written} == written
     assert cfg.model.n_embd % cfg.model.n_head == 0
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_tokenize import MINILM, TRAIN, VALIDATION, needs_minilm, write_labelled, write_pairs, write_preprocessed
+from tiny import MINILM, TRAIN, VALIDATION, needs_minilm, write_labelled, write_pairs, write_preprocessed
 from transformers import AutoTokenizer
 
 from pipeline.data import tokenize
@@ -26,15 +26,7 @@ from pipeline.evaluate.metrics import accuracy, macro_f1, rouge_l_pair
 from pipeline.train.modeling import build_model
 
 MODEL = {"n_layer": 1, "n_head": 2, "n_embd": 32, "dropout": 0.0}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The machine is shared: one thread is both faster here and the same on every run.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def stage_inputs(tmp_path: Path, raw: dict, preprocess: Path, fit=None) -> tuple:

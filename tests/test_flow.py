@@ -12,7 +12,8 @@ from tiny import QUICKSTART, REPO, published_weights, tiny_overrides
 from pipeline import artifacts
 from pipeline.config import load_config
 
-pytestmark = pytest.mark.integration
+# Slow: the ephemeral Prefect server starts (~8 s), then whole pipelines run under it.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_trainer_golden import make_blocks, run_losses
+from tiny import make_blocks, train_losses, train_on_blocks, trainer_args
 
 from pipeline.config import TrainConfig
 from pipeline.train.recipe import autocast_context
@@ -23,13 +23,13 @@ def test_bf16_autocast_is_chosen_on_a_capable_gpu():
 
 
 def test_training_on_cuda_learns(tmp_path, capsys):
-    losses = run_losses(tmp_path)
+    losses = train_on_blocks(tmp_path)
     assert "device cuda:0" in capsys.readouterr().out
     assert losses[-1] < losses[0] - 0.3
 
 
 def test_fp16_with_dynamic_loss_scaling_learns(tmp_path):
-    losses = run_losses(tmp_path, "train.precision=fp16")
+    losses = train_on_blocks(tmp_path, "train.precision=fp16")
     assert losses[-1] < losses[0] - 0.3
 
 
@@ -45,13 +45,11 @@ def test_qlora_trains_lora_on_a_4bit_base(tmp_path):
     config = LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
     LlamaForCausalLM(config).save_pretrained(base)
-    args = ["--tokenized", str(tmp_path / "tok"), "--output", str(tmp_path / "out"), "--checkpoints", str(tmp_path / "ckpt")]
-    for o in ["model.init=pretrained", f"model.name={base}", "train.method=qlora", "train.max_steps=20", "train.lr=1e-2",
-              "train.warmup_steps=2", "train.micro_batch_size=8", "train.save_every_steps=10"]:
-        args += ["--set", o]
+    args = trainer_args(tmp_path / "tok", tmp_path, "model.init=pretrained", f"model.name={base}", "train.method=qlora",
+                        "train.max_steps=20", "train.lr=1e-2", "train.warmup_steps=2", "train.micro_batch_size=8", "train.save_every_steps=10")
     assert recipe.main(args) == 0
     stats = json.loads((tmp_path / "out" / "train_stats.json").read_text())
     assert stats["method"] == "qlora" and stats["trainable_params"] < stats["total_params"]
     assert (tmp_path / "out" / "model" / "adapter_model.safetensors").exists()
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    losses = train_losses(tmp_path / "out")
     assert losses[-1] < losses[0]

@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from tiny import read_rejects
 
 from pipeline.data import ingest
 from pipeline.config import build_config
@@ -199,7 +200,7 @@ def test_every_record_is_a_row_or_a_reject_at_its_line(battery, tmp_path, monkey
             assert not expected.rows, (path, error)
             outcomes["failed"] += 1
             continue
-        rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+        rejects = read_rejects(out)
         assert stats["rows_in"] == expected.records == stats["rows_out"] + stats["rows_rejected"], path
         assert stats["rows_utf8_replaced"] == expected.replaced, path
         assert all(r["file"].endswith(path.name) and isinstance(r["line"], int) and r["reason"] for r in rejects)
@@ -222,7 +223,7 @@ def test_the_files_together_give_the_same_rejects_as_alone(battery, tmp_path, mo
 
     stats = ingest_files([p for p, _ in chosen], tmp_path / "together", "reject")
 
-    rejects = [json.loads(line) for line in (tmp_path / "together" / "rejects.jsonl").read_text().splitlines()]
+    rejects = read_rejects(tmp_path / "together")
     assert [(Path(r["file"]).name, r["line"]) for r in rejects] == [(p.name, line) for p, e in chosen for line, _ in e.rejects]
     assert stats["rows_out"] == sum(len(e.rows) for _, e in chosen)
     assert stats["files"] == len(chosen) and stats["shards"] == len(chosen)

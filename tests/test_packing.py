@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny import train_losses, trainer_args
 
 from pipeline.train import recipe
 from pipeline.data.loader import BinnedBlocks, ClassifiedTexts, Examples, PackedBlocks, SourceTargetPairs, held_out_batches, open_split, sample_ids
@@ -200,13 +201,10 @@ def test_trainer_runs_on_each_causal_layout(tmp_path, packing):
         write_split(root, {"packing": "none", "block_size": 16, "vocab_size": 48, "pad_id": 0, "eos_id": 0},
                     input_ids=examples.ids, labels=examples.labels, offsets=examples.offsets)
     (root / "tokenizer").mkdir()
-    args = ["--tokenized", str(root), "--output", str(tmp_path / "out"), "--checkpoints", str(tmp_path / "ckpt")]
-    for o in ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "train.max_steps=3", "train.warmup_steps=1",
-              "train.micro_batch_size=24", "train.save_every_steps=100"]:
-        args += ["--set", o]
-    assert recipe.main(args) == 0
+    assert recipe.main(trainer_args(root, tmp_path, "model.n_layer=1", "model.n_head=2", "model.n_embd=16", "train.max_steps=3",
+                                    "train.warmup_steps=1", "train.micro_batch_size=24", "train.save_every_steps=100")) == 0
     stats = json.loads((tmp_path / "out" / "train_stats.json").read_text())
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    losses = train_losses(tmp_path / "out")
     assert len(losses) == 3 and all(np.isfinite(losses))
     # Each step reads 24 rows of the epoch-shuffled stream (bins has fewer rows, so a step wraps
     # into the next epoch): the throughput count is the real tokens of exactly those rows.

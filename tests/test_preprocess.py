@@ -4,6 +4,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from tiny import read_rejects
 
 from pipeline import stages
 from pipeline.data import preprocess
@@ -39,10 +40,6 @@ def run_preprocess(tmp_path: Path, raw: dict, splits: dict[str, list[dict]], typ
 
 def rows(out: Path, split: str = "train") -> list[dict]:
     return pq.read_table(out / f"{split}.parquet").to_pylist()
-
-
-def rejects(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
 
 
 QA = {
@@ -159,7 +156,7 @@ def test_chat_validation_rejects_with_a_precise_reason(tmp_path, messages, reaso
 
     assert len(rows(out)) == 1
     assert stats["splits"]["train"]["rejected"] == {"invalid_messages": 1}
-    assert rejects(out) == [{"split": "train", "row": 1, "reason": f"invalid_messages: {reason}", "raw": {"messages": messages}}]
+    assert read_rejects(out) == [{"split": "train", "row": 1, "reason": f"invalid_messages: {reason}", "raw": {"messages": messages}}]
 
 
 def test_classification_keeps_the_label_as_a_stripped_string(tmp_path):
@@ -170,7 +167,7 @@ def test_classification_keeps_the_label_as_a_stripped_string(tmp_path):
     assert pq.read_schema(out / "train.parquet").names == ["text", "label"]
     assert rows(out) == [{"text": "great product", "label": "Positive"}, {"text": "meh", "label": "Neg-ative"}]
     assert stats["splits"]["train"]["rejected"] == {"missing_value": 1}
-    assert rejects(out)[0]["reason"] == "missing_value: the label is blank"
+    assert read_rejects(out)[0]["reason"] == "missing_value: the label is blank"
 
 
 def test_classification_numeric_labels_become_text(tmp_path):
@@ -233,7 +230,7 @@ def test_length_filters_count_and_explain_rejects(tmp_path):
     assert (stats["rows_in"], stats["rows_out"], stats["rows_rejected"]) == (6, 2, 4)
     assert stats["rejected"] == {"too_short": 3, "too_long": 1}
 
-    got = rejects(out)
+    got = read_rejects(out)
     assert [(r["split"], r["row"], r["reason"].split(":")[0]) for r in got] == [
         ("train", 1, "too_short"),
         ("train", 2, "too_long"),
@@ -252,7 +249,7 @@ def test_length_filters_count_and_explain_rejects(tmp_path):
 def test_null_in_a_required_column_is_rejected(tmp_path):
     out, stats = run_preprocess(tmp_path, {}, {"train": [{"prompt": "p", "response": "r"}, {"prompt": "q", "response": None}], "validation": []})
     assert stats["splits"]["train"]["rejected"] == {"missing_value": 1}
-    assert rejects(out)[0]["reason"] == "missing_value: response (column 'response') is null"
+    assert read_rejects(out)[0]["reason"] == "missing_value: response (column 'response') is null"
 
 
 def test_empty_and_missing_splits_get_files_with_the_schema(tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from tiny import write_tree
 
 from pipeline import artifacts
 from pipeline.registry import store as registry
@@ -23,20 +24,13 @@ BUNDLE = {
 SOURCE = {"tokenize": "t1", "train": "r1", "evaluate": "e1"}
 
 
-def make_bundle(folder: Path, files: dict[str, bytes] = BUNDLE) -> Path:
-    for rel, data in files.items():
-        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-        (folder / rel).write_bytes(data)
-    return folder
-
-
 def read_tree(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, bytes]:
     root = root.rstrip("/")
     return {p[len(root) + 1 :]: fs.cat_file(p) for p in fs.find(root)}
 
 
 def _publish_and_pull(tmp_path: Path, reg: str) -> None:
-    url, written = registry.publish_version(make_bundle(tmp_path / "bundle"), reg, "demo", "v1", SOURCE)
+    url, written = registry.publish_version(write_tree(tmp_path / "bundle", BUNDLE), reg, "demo", "v1", SOURCE)
 
     assert (url, written) == (registry.version_url(reg, "demo", "v1"), True)
     manifest = artifacts.read_json(artifacts.join(url, MANIFEST))
@@ -60,7 +54,7 @@ def _publish_and_pull(tmp_path: Path, reg: str) -> None:
 
 
 def _immutability(tmp_path: Path, reg: str) -> None:
-    bundle = make_bundle(tmp_path / "bundle")
+    bundle = write_tree(tmp_path / "bundle", BUNDLE)
     url, _ = registry.publish_version(bundle, reg, "demo", "v1", SOURCE)
     fs, path = artifacts.filesystem(url)
     before = read_tree(fs, path)
@@ -70,7 +64,7 @@ def _immutability(tmp_path: Path, reg: str) -> None:
     assert read_tree(fs, path) == before
 
     # Different content under the same label: refused, and the version keeps its bytes.
-    other = make_bundle(tmp_path / "other", {**BUNDLE, "model/model.safetensors": b"different weights"})
+    other = write_tree(tmp_path / "other", {**BUNDLE, "model/model.safetensors": b"different weights"})
     with pytest.raises(RegistryError, match=r"demo version v1 already exists.*immutable"):
         registry.publish_version(other, reg, "demo", "v1", {**SOURCE, "train": "r2"})
     assert read_tree(fs, path) == before
@@ -89,13 +83,13 @@ def _interrupted_publish_is_replaced(tmp_path: Path, reg: str) -> None:
     fs.pipe_file(artifacts.join(path, "half-written.bin"), b"from a crashed publish")
     assert registry.list_versions(reg) == []  # not committed, so not listed
 
-    assert registry.publish_version(make_bundle(tmp_path / "bundle"), reg, "demo", "v1", SOURCE) == (url, True)
+    assert registry.publish_version(write_tree(tmp_path / "bundle", BUNDLE), reg, "demo", "v1", SOURCE) == (url, True)
     assert sorted(read_tree(fs, path)) == sorted([*BUNDLE, MANIFEST])
     assert artifacts.verify(url) == []
 
 
 def _tampering_is_caught(tmp_path: Path, reg: str) -> None:
-    url, _ = registry.publish_version(make_bundle(tmp_path / "bundle"), reg, "demo", "v1", SOURCE)
+    url, _ = registry.publish_version(write_tree(tmp_path / "bundle", BUNDLE), reg, "demo", "v1", SOURCE)
     fs, path = artifacts.filesystem(url)
     fs.pipe_file(artifacts.join(path, "metrics.json"), b'{"perplexity": 1.0}')
 
@@ -125,7 +119,7 @@ def test_listing_an_absent_registry_is_empty(tmp_path):
 
 def test_pull_replaces_an_existing_destination(tmp_path):
     reg = str(tmp_path / "registry")
-    registry.publish_version(make_bundle(tmp_path / "bundle"), reg, "demo", "v1", SOURCE)
+    registry.publish_version(write_tree(tmp_path / "bundle", BUNDLE), reg, "demo", "v1", SOURCE)
     dest = tmp_path / "pulled"
     (dest / "model").mkdir(parents=True)
     (dest / "model" / "stale.bin").write_bytes(b"old")

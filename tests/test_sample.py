@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -318,5 +319,9 @@ def test_runner_chains_ingest_output_into_sample(tmp_path, shards):
     sampled = stages.materialize("sample", cfg, {"ingest": ingested}, workdir=str(tmp_path / "runs"), log=lambda _: None)
 
     assert sampled.stats["splits"]["train"]["rows"] == 48 and sampled.stats["splits"]["validation"]["rows"] == 2
-    assert (Path(sampled.output) / "manifest.json").exists()
+    # The commit records the chain: this output's files and stats, and the ingest output it read.
+    manifest = json.loads((Path(sampled.output) / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == ["test.parquet", "train.parquet", "validation.parquet"]
+    assert manifest["stats"] == sampled.stats and manifest["fingerprint"] == sampled.fingerprint
+    assert manifest["parents"] == {"ingest": {"fingerprint": "0" * 64, "url": str(shards)}}
     assert pq.read_table(Path(sampled.output) / "test.parquet").num_rows == 0

@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train import kill_and_resume, run_cli, summary_of
-from tiny import REPO, cli_args, sha256
+from tiny import REPO, cli_args, kill_and_resume, run_cli, run_ok, sha256, summary_of, train_losses, trainer_args
 
 pytestmark = pytest.mark.integration
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -36,17 +35,11 @@ def train_command(tokenized: str, root: Path, *overrides: str, launcher: list[st
     root.mkdir(parents=True, exist_ok=True)
     config = root / "train.yaml"
     config.write_text(TRAIN_YAML)
-    cmd = [*launcher, "-m", "pipeline.train", "--tokenized", tokenized, "--config", str(config),
-           "--output", str(root / "out"), "--checkpoints", str(root / "ckpt"), "--log-samples"]
-    for o in overrides:
-        cmd += ["--set", o]
-    return cmd
+    return [*launcher, "-m", "pipeline.train", *trainer_args(tokenized, root, *overrides, config=config), "--log-samples"]
 
 
-def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    return run_ok(cmd, timeout=300)
 
 
 def trained_samples(out: Path) -> list[int]:
@@ -60,6 +53,7 @@ def trained_samples(out: Path) -> list[int]:
     return sorted(i for samples in by_step_rank.values() for i in samples)
 
 
+@pytest.mark.slow
 def test_resume_at_another_world_size_continues_at_the_same_sample(tmp_path, tokenized):
     two = run(train_command(tokenized, tmp_path, "train.max_steps=4", launcher=[*TORCHRUN, "--standalone", "--nproc_per_node", "2"]))
     assert "world size 2" in two.stdout
@@ -89,6 +83,7 @@ def test_two_nodes_of_one_process_form_a_world_of_two(tmp_path, tokenized):
     assert trained_samples(tmp_path / "out") == list(range(32))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["zero2"])  # ZeRO-3: the real SIGKILL test below
 def test_deepspeed_resume_from_a_kill_during_save_is_bit_identical(tmp_path, tokenized, stage):
     """Uninterrupted 6 steps vs: 4 steps, then the disk state a SIGKILL during the step-6 save
@@ -108,9 +103,9 @@ def test_deepspeed_resume_from_a_kill_during_save_is_bit_identical(tmp_path, tok
     resumed = run(train_command(tokenized, killed, *settings, launcher=launcher))
     assert "resuming from" in resumed.stdout and "step_00000004" in resumed.stdout
     assert sha256(killed / "out/model/model.safetensors") == sha256(tmp_path / "clean/out/model/model.safetensors")
-    log = lambda root: [json.loads(x)["loss"] for x in (root / "out/train_log.jsonl").read_text().splitlines()]  # noqa: E731
-    assert log(killed) == log(tmp_path / "clean")
+    assert train_losses(killed / "out") == train_losses(tmp_path / "clean" / "out")
 
 
+@pytest.mark.slow
 def test_sigkill_under_zero3_two_ranks_resumes_to_bit_identical_weights(tmp_path):
     kill_and_resume(tmp_path, {"train.max_steps": 30, "train.nproc_per_node": 2, "train.strategy": "deepspeed", "train.deepspeed_config": "zero3"})

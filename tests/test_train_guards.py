@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from test_trainer_golden import make_blocks
+from tiny import make_blocks, train_losses, trainer_args
 
 from pipeline.train import recipe
 from pipeline.train.checkpoint import complete_checkpoints
@@ -22,12 +22,11 @@ def add_validation(folder, vocab=97, blocks=16, length=16):
     np.save(folder / "validation" / "labels.npy", ids)
 
 
+BASE = ("model.n_layer=1", "model.n_head=2", "model.n_embd=16", "train.warmup_steps=0", "train.micro_batch_size=4")
+
+
 def run(tmp_path, *overrides):
-    args = ["--tokenized", str(tmp_path / "tok"), "--output", str(tmp_path / "out"), "--checkpoints", str(tmp_path / "ckpt")]
-    base = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "train.warmup_steps=0", "train.micro_batch_size=4"]
-    for o in [*base, *overrides]:
-        args += ["--set", o]
-    return recipe.main(args)
+    return recipe.main(trainer_args(tmp_path / "tok", tmp_path, *BASE, *overrides))
 
 
 def test_non_finite_loss_stops_within_one_step_and_keeps_the_last_checkpoint(tmp_path, capsys):
@@ -46,10 +45,9 @@ def test_early_stopping_on_a_metric_that_stops_improving(tmp_path):
     make_blocks(tmp_path / "tok")
     add_validation(tmp_path / "tok")
     # lr so small the weights do not move in fp32: the validation loss never improves after its first value.
-    assert run(
-        tmp_path, "train.lr=1e-30", "train.max_steps=50", "train.eval_every_steps=2", "train.early_stopping_patience=2",
-        "train.save_every_steps=100", "model.dropout=0",
-    ) == 0
+    settings = ("train.lr=1e-30", "train.max_steps=50", "train.eval_every_steps=2", "train.early_stopping_patience=2",
+                "train.save_every_steps=100", "model.dropout=0")
+    assert run(tmp_path, *settings) == 0
     stats = json.loads((tmp_path / "out" / "train_stats.json").read_text())
     # validations at 2 (best), 4 (no better), 6 (no better: patience 2 reached) -> stop at 6
     assert stats["steps"] == 6
@@ -57,10 +55,7 @@ def test_early_stopping_on_a_metric_that_stops_improving(tmp_path):
     assert [v["step"] for v in stats["validations"]] == [2, 4, 6]
     assert [p.name for p in complete_checkpoints(tmp_path / "ckpt")] == ["step_00000006"]
     # A rerun of the same command finds the stopped run and does not train on.
-    assert run(
-        tmp_path, "train.lr=1e-30", "train.max_steps=50", "train.eval_every_steps=2", "train.early_stopping_patience=2",
-        "train.save_every_steps=100", "model.dropout=0",
-    ) == 0
+    assert run(tmp_path, *settings) == 0
     assert json.loads((tmp_path / "out" / "train_stats.json").read_text())["steps"] == 6
 
 
@@ -77,12 +72,7 @@ def test_tensorboard_events_and_summary(tmp_path, capsys):
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "validation/eval_loss"} <= tags
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
-    logged = [json.loads(line)["loss"] for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
-    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(logged, rel=1e-6)
-
-
-def losses_of(folder):
-    return [json.loads(line)["loss"] for line in (folder / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(train_losses(tmp_path / "out"), rel=1e-6)
 
 
 def test_gradient_checkpointing_and_bf16_on_cpu(tmp_path):
@@ -92,7 +82,7 @@ def test_gradient_checkpointing_and_bf16_on_cpu(tmp_path):
     for name, extra in {"plain": [], "ckpt": ["train.gradient_checkpointing=true"], "bf16": ["train.precision=bf16"]}.items():
         make_blocks(tmp_path / name / "tok")
         assert run(tmp_path / name, *common, *extra) == 0
-    plain, ckpt, bf16 = (losses_of(tmp_path / n) for n in ("plain", "ckpt", "bf16"))
+    plain, ckpt, bf16 = (train_losses(tmp_path / n / "out") for n in ("plain", "ckpt", "bf16"))
     np.testing.assert_allclose(ckpt, plain, rtol=1e-6)
     assert bf16 != plain
     np.testing.assert_allclose(bf16, plain, rtol=0.05)

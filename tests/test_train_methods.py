@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import REPO
+from tiny import REPO, train_losses, trainer_args
 
 from pipeline.train import methods, recipe
 from pipeline.config import build_config
@@ -43,15 +43,14 @@ def tokenized(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+BASE = [f"model.{k}={v}" for k, v in MODEL.items()] + [
+    "train.max_steps=3", "train.warmup_steps=1", "train.micro_batch_size=4", "train.save_every_steps=2",
+    "train.lr=1e-2", "train.tensorboard=false", "train.num_virtual_tokens=4", "train.adapter_size=4", "train.lora_r=2",
+]
+
+
 def run_train(tmp_path: Path, tokenized: Path, *overrides: str) -> Path:
-    args = ["--tokenized", str(tokenized), "--output", str(tmp_path / "out"), "--checkpoints", str(tmp_path / "ckpt")]
-    base = [f"model.{k}={v}" for k, v in MODEL.items()] + [
-        "train.max_steps=3", "train.warmup_steps=1", "train.micro_batch_size=4", "train.save_every_steps=2",
-        "train.lr=1e-2", "train.tensorboard=false", "train.num_virtual_tokens=4", "train.adapter_size=4", "train.lora_r=2",
-    ]
-    for o in [*base, *overrides]:
-        args += ["--set", o]
-    assert recipe.main(args) == 0
+    assert recipe.main(trainer_args(tokenized, tmp_path, *BASE, *overrides)) == 0
     return tmp_path / "out"
 
 
@@ -74,7 +73,7 @@ def test_every_method_trains_every_task(tmp_path, tokenized, task, method):
     out = run_train(tmp_path, tokenized[task], f"train.method={method}", "train.trainable_blocks=1")
     stats = stats_of(out)
     assert stats["task"] == task and stats["method"] == method and stats["steps"] == 3
-    losses = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    losses = train_losses(out)
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     assert 0 < stats["trainable_params"] <= stats["total_params"]
     if method == "full":
@@ -124,7 +123,12 @@ def test_frozen_weights_stay_bit_identical(tmp_path, tokenized, method):
         assert base.keys() <= state.keys(), sorted(base.keys() - state.keys())[:3]
         unchanged = [name for name, tensor in base.items() if torch.equal(state[name], tensor)]
         assert unchanged == list(base), sorted(set(base) - set(unchanged))[:3]
-        assert any(torch.count_nonzero(t) for t in trained.values())
+        # The checkpoint holds exactly the trainable tensors, and training moved them: LoRA's B and
+        # the adapters' up-projection start at zero (the identity), and every entry of them left it.
+        assert sum(t.numel() for t in trained.values()) == stats_of(out)["trainable_params"]
+        zero_at_init = [t for name, t in trained.items() if ".lora_B." in name or ".bottleneck_adapter.up." in name]
+        assert len(zero_at_init) == {"lora": 2, "adapters": 4, "prompt_tuning": 0}[method]  # 2 blocks
+        assert all(torch.count_nonzero(t) == t.numel() for t in zero_at_init)
 
 
 def test_layer_wise_learning_rates_are_logged_per_group(tmp_path, tokenized):

@@ -1,51 +1,21 @@
 """The trainer's loss curve against recorded values (torchtune-style golden test), in process.
 
-Synthetic blocks keep the data independent of the tokenizer, so only a change to the model,
+Synthetic blocks (`tiny.make_blocks`) keep the data independent of the tokenizer, so only a change to the model,
 the loss, the optimizer, the schedule or the data order moves these numbers. If you changed one
 of those on purpose, rerun with TUNEPIPE_PRINT_GOLDEN=1 and paste the new curve.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import pytest
 import torch
+from tiny import train_on_blocks
 
-from pipeline.train import recipe
-
-
-
-def make_blocks(folder, vocab=97, blocks=64, length=16):
-    rng = np.random.default_rng(1234)
-    (folder / "train").mkdir(parents=True)
-    (folder / "tokenizer").mkdir()
-    # A learnable pattern: each block counts upward from a random start, modulo the vocabulary.
-    starts = rng.integers(0, vocab, size=(blocks, 1))
-    ids = ((starts + np.arange(length)) % vocab).astype(np.int32)
-    labels = ids.copy()
-    labels[:, :4] = -100  # a masked "prompt"
-    np.save(folder / "train" / "input_ids.npy", ids)
-    np.save(folder / "train" / "labels.npy", labels)
-    (folder / "meta.json").write_text(json.dumps({"block_size": length, "vocab_size": vocab, "pad_id": 0, "eos_id": 0}))
-
-
-def run_losses(tmp_path, *overrides):
-    make_blocks(tmp_path / "tok")
-    args = ["--tokenized", str(tmp_path / "tok"), "--output", str(tmp_path / "out"), "--checkpoints", str(tmp_path / "ckpt")]
-    base = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "train.max_steps=12", "train.warmup_steps=2",
-            "train.micro_batch_size=4", "train.grad_accum_steps=2", "train.save_every_steps=100", "train.lr=1e-2"]
-    for o in [*base, *overrides]:
-        args += ["--set", o]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: the same reduction order on every machine
-    try:
-        assert recipe.main(args) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return [json.loads(line)["loss"] for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+# One thread: the same reduction order on every machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Recorded 2026-11-23, torch 2.13.0 CPU, 1 thread. RECORDED: the default, torch's own dropout, the
@@ -59,7 +29,7 @@ RECORDED_FAST_CPU_DROPOUT = [4.58641, 4.54332, 4.466651, 4.38947, 4.310599, 4.30
 @pytest.mark.parametrize("overrides,recorded", [((), RECORDED), (("train.fast_cpu_dropout=true",), RECORDED_FAST_CPU_DROPOUT)],
                          ids=["default_torch_dropout", "opt_in_fast_cpu_dropout"])
 def test_loss_curve_matches_the_recorded_one(tmp_path, overrides, recorded):
-    losses = run_losses(tmp_path, *overrides)
+    losses = train_on_blocks(tmp_path, *overrides)
     if os.environ.get("TUNEPIPE_PRINT_GOLDEN"):
         print("RECORDED =", [round(x, 6) for x in losses])
     assert len(losses) == 12
@@ -69,7 +39,7 @@ def test_loss_curve_matches_the_recorded_one(tmp_path, overrides, recorded):
 
 def test_grad_accumulation_matches_a_bigger_micro_batch(tmp_path):
     """2 x 4 accumulated equals 1 x 8: the loss is normalised over the whole step's tokens."""
-    accumulated = run_losses(tmp_path / "a", "model.dropout=0")
-    single = run_losses(tmp_path / "b", "model.dropout=0", "train.micro_batch_size=8", "train.grad_accum_steps=1")
+    accumulated = train_on_blocks(tmp_path / "a", "model.dropout=0")
+    single = train_on_blocks(tmp_path / "b", "model.dropout=0", "train.micro_batch_size=8", "train.grad_accum_steps=1")
     # fp32 on CPU agrees to rounding; bf16 autocast on a GPU rounds each micro-batch differently.
     np.testing.assert_allclose(accumulated, single, rtol=1e-3 if torch.cuda.is_available() else 1e-5)

@@ -8,7 +8,7 @@ import json
 import pytest
 from tiny import REPO
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # two pipelines to publish, then serving
 
 
 def test_two_adapters_published_small_and_served_from_one_base(tmp_path, monkeypatch, capsys):
