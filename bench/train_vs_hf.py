@@ -70,7 +70,7 @@ def overrides(steps: int, packing: str, block: int, batch: int) -> list[str]:
     ]
 
 
-# ---------------------------------------------------------------- examples, built like pipeline/tokenize.py
+# ---------------------------------------------------------------- examples, built like pipeline/data/tokenize.py
 
 
 def causal_examples(parquet: Path, tokenizer, block: int) -> list[dict]:

@@ -178,7 +178,8 @@ def cmd_registry(args) -> int:
 def cmd_config(args, cfg: PipelineConfig) -> int:
     if args.keys:
         for key, default, doc in describe_fields():
-            print(f"{key} = {default}\n    {doc}")
+            # Docstrings wrap over several lines: indent them all under their key.
+            print(f"{key} = {default}\n    " + "\n    ".join(line.strip() for line in doc.splitlines()))
         return 0
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
     return 0

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny import QUICKSTART, REPO, tiny_overrides
+from tiny import QUICKSTART, REPO, tiny_overrides, trainer_args
 
 from pipeline import stages
 from pipeline.code_version import closure, code_version, data_files
@@ -113,9 +113,8 @@ def test_every_module_the_worker_imports_is_in_the_train_closure(tmp_path):
 
     cfg = load_config(QUICKSTART, tiny_overrides(tmp_path / "registry"))
     tokenized = stages.run_stages(cfg, str(tmp_path / "runs"), until="tokenize", log=lambda _: None)[-1].output
-    args = ["--tokenized", tokenized, "--config", str(QUICKSTART), "--output", str(tmp_path / "out"), "--checkpoints",
-            str(tmp_path / "ckpt"), *[a for o in tiny_overrides(tmp_path / "registry") for a in ("--set", o)],
-            "--set", "train.max_steps=2", "--set", "train.method=lora", "--set", "train.tensorboard=false"]
+    args = trainer_args(tokenized, tmp_path, *tiny_overrides(tmp_path / "registry"), "train.max_steps=2", "train.method=lora",
+                        "train.tensorboard=false", config=QUICKSTART)
     done = subprocess.run([sys.executable, "-X", "importtime", "-m", "pipeline.train", *args], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -130,6 +129,7 @@ def statuses(stdout: str) -> dict[str, str]:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_editing_a_module_reruns_its_stage_and_an_ignored_key_keeps_the_cache(tmp_path):
     """In a copy of the project, through the CLI: an edited evaluate module reruns evaluate only,
     an edited training module reruns train; a key the method ignores is warned about once and

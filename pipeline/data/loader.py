@@ -1,6 +1,6 @@
 """Tokenized splits read through memory maps, in an order that is a pure function.
 
-The tokenize stage commits one folder per split (layouts in pipeline/tokenize.py). The trainer
+The tokenize stage commits one folder per split (layouts in pipeline/data/tokenize.py). The trainer
 never tokenizes: `open_split(folder)` picks the loader for the folder's layout from the parent's
 meta.json, and every loader has the same interface:
 

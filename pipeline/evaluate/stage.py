@@ -14,7 +14,7 @@ The task is the tokenize output's (meta.json `task`). metrics.json holds `task`,
                     references) on the held-out split, a few `generations` listed
 
 Every split is scored in batches of 8, up to evaluate.max_batches batches (generations included):
-all its rows when they fit, else a fixed random subset of that many (data_loader.held_out_batches).
+all its rows when they fit, else a fixed random subset of that many (data/loader.py: held_out_batches).
 `gate` is {thresholds, passed, failed}: the task's thresholds (evaluate.max_perplexity, min_accuracy,
 min_rouge_l) and a line per one missed; a threshold for another task's metric is listed as
 `not_applicable` and does not block. No held-out rows means no measurement, which fails a set gate.
@@ -75,7 +75,7 @@ def held_out_split(tokenized: Path) -> str:
 def perplexity(model, blocks, max_batches: int) -> tuple[float, int]:
     """(mean loss over label tokens, label token count) over up to max_batches batches.
 
-    `blocks` is any causal-LM loader of `data_loader.open_split` (packed blocks or padded examples).
+    `blocks` is any causal-LM loader of `data.loader.open_split` (packed blocks or padded examples).
     """
     model.eval()
     total_loss, total_tokens = 0.0, 0
