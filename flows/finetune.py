@@ -1,35 +1,24 @@
-"""The fine-tuning DAG as a Prefect flow: one task per stage, cached by stage fingerprint.
+"""The fine-tuning DAG as a Prefect flow: one task per stage.
 
     tunepipe run examples/quickstart.yaml --set train.max_steps=100
 
-The flow only sequences `pipeline.stages`; all work, and the on-disk cache, live there. A
-Prefect cache hit is honoured only while the committed output it points to still exists, so
-deleting an output folder (or the registry version) makes the stage run again.
+The flow only sequences `pipeline.stages`; all work, and the cache, live there. Task results are
+not persisted: the committed stage output (its manifest) is the cache, and `materialize` answers
+"cached" from it in milliseconds. A persisted Prefect result would be a pickle read back on the
+next run, which a planted file could use to run code, and a second cache that can disagree with
+the first (a deleted output, a cache hit from another workdir).
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from prefect import flow, task
-from prefect.context import TaskRunContext
+from prefect.cache_policies import NO_CACHE
 
 from pipeline import artifacts, stages
-from pipeline.artifacts import StageOutput
 from pipeline.config import PipelineConfig
 from pipeline.stages import StageResult
-
-
-def _cache_key(context: TaskRunContext, parameters: dict) -> str | None:
-    name, fp, workdir = parameters["name"], parameters["fingerprint"], parameters["workdir"]
-    done = StageOutput(workdir, name, fp).committed()
-    if done is None or not stages.still_valid(stages.STAGES[name], done):
-        return None  # no key: Prefect runs the task, and materialize rebuilds the output
-    # The workdir is part of the key: Prefect's result store outlives any one workdir, and a hit
-    # recorded for another workdir would hand back paths that are not this run's.
-    where = artifacts.hash_json(str(Path(workdir).resolve()) if not artifacts.is_remote(workdir) else workdir)[:12]
-    return f"tunepipe-{name}-{fp}-{where}"
 
 
 def _run_stage(name: str, fingerprint: str, cfg: PipelineConfig, parents: dict, workdir: str) -> StageResult:
@@ -41,8 +30,8 @@ def stage_task(name: str):
         _run_stage,
         name=name,
         task_run_name=f"{name}-{{fingerprint:.12}}",
-        cache_key_fn=_cache_key,
-        persist_result=True,
+        cache_policy=NO_CACHE,
+        persist_result=False,
         log_prints=True,
     )
 
@@ -50,7 +39,7 @@ def stage_task(name: str):
 STAGE_TASKS = {name: stage_task(name) for name in stages.ORDER}
 
 
-@flow(name="tunepipe-finetune", log_prints=True)
+@flow(name="tunepipe-finetune", log_prints=True, persist_result=False)
 def finetune(cfg: PipelineConfig, workdir: str = "runs", until: str | None = None) -> list[StageResult]:
     stages.preflight(cfg, until)
     artifacts.use_s3_endpoint(cfg.data.s3_endpoint_url)
@@ -59,14 +48,9 @@ def finetune(cfg: PipelineConfig, workdir: str = "runs", until: str | None = Non
         parents = {p: results[p].artifact for p in stages.STAGES[name].parents}
         fp = stages.compute_fingerprint(name, cfg, parents)
         start = time.perf_counter()
-        state = STAGE_TASKS[name](name, fp, cfg, parents, workdir, return_state=True)
-        result: StageResult = state.result()
-        if state.name == "Cached":
-            # Report the committed output itself, not the stored result that pointed at it.
-            done = StageOutput(workdir, name, fp).committed()
-            result = StageResult(name, "cached", fp, time.perf_counter() - start, done.url, done.stats)
+        result: StageResult = STAGE_TASKS[name](name, fp, cfg, parents, workdir)
         results[name] = result
-        print(f"[{name}] {result.status} in {result.seconds:.1f}s -> {result.output}")
+        print(f"[{name}] {result.status} in {time.perf_counter() - start:.1f}s -> {result.output}")
         if name == until:
             break
     return list(results.values())

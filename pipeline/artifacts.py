@@ -80,6 +80,31 @@ def read_json(url: str) -> Any:
         return json.load(f)
 
 
+def safe_relative(rel: str, where: str = "a manifest") -> str:
+    """`rel` if it is a plain relative path; raises on an absolute path, `..`, a backslash or an empty
+    part. Manifests come from storage another party may write: a name in one must never reach
+    outside the folder it describes."""
+    parts = str(rel).split("/")
+    if not rel or str(rel).startswith(("/", "~")) or "\\" in str(rel) or any(p in ("", ".", "..") for p in parts) or ":" in parts[0]:
+        raise ArtifactError(f"unsafe path {rel!r} in {where}: only plain relative paths are allowed")
+    return str(rel)
+
+
+def inside(root: Path, rel: str, where: str = "a manifest") -> Path:
+    """`root / rel`, refused unless it stays inside `root` (symbolic links resolved)."""
+    target = Path(root) / safe_relative(rel, where)
+    if not target.resolve().is_relative_to(Path(root).resolve()):
+        raise ArtifactError(f"{rel!r} in {where} resolves outside {root}")
+    return target
+
+
+def manifest_root(manifest: dict) -> str:
+    """Where a committed folder's files sit under it: '' (beside the manifest), or the upload
+    folder an object-store publish wrote them to (registry/store.py)."""
+    root = manifest.get("root", "")
+    return safe_relative(root, "a manifest's root") if root else ""
+
+
 # ---------------------------------------------------------------- hashing
 
 
@@ -126,15 +151,16 @@ class Artifact:
         cache = Path(os.environ.get("TUNEPIPE_CACHE", Path.home() / ".cache" / "tunepipe"))
         local = cache / "artifacts" / self.stage / self.fingerprint
         if (local / MANIFEST).exists():
+            check_files(str(local), json.loads((local / MANIFEST).read_text()), full=verify_requested())
             return local
         fs, path = filesystem(self.url)
         manifest = json.loads(fs.cat_file(join(path, MANIFEST)))
         shutil.rmtree(local, ignore_errors=True)
         local.mkdir(parents=True)
         for rel, entry in manifest["files"].items():
-            target = local / rel
+            target = inside(local, rel, f"{self.url}/{MANIFEST}")
             target.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(join(path, rel), str(target))
+            fs.get_file(join(path, manifest_root(manifest), rel), str(target))
             if sha256_file(target) != entry["sha256"]:
                 raise ArtifactError(f"{self.url}/{rel}: sha256 does not match its manifest")
         (local / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -158,23 +184,61 @@ def list_files(root: Path) -> list[str]:
 
 
 def verify(url: str) -> list[str]:
-    """Problems with a committed folder: missing manifest, missing files, sha256 mismatches, extras."""
+    """Problems with a committed folder: missing manifest, unsafe names, missing files, sha256
+    mismatches, extras among its files (under the manifest's root)."""
     fs, path = filesystem(url)
     manifest_path = join(path, MANIFEST)
     if not fs.exists(manifest_path):
         return [f"{url}: no {MANIFEST} (not committed)"]
-    manifest = json.loads(fs.cat_file(manifest_path))
+    try:
+        manifest = json.loads(fs.cat_file(manifest_path))
+        files = {safe_relative(rel, f"{url}/{MANIFEST}"): entry for rel, entry in manifest["files"].items()}
+        base = join(path, manifest_root(manifest)) if manifest_root(manifest) else path
+    except (ValueError, KeyError, TypeError, AttributeError, ArtifactError) as e:
+        return [f"{url}/{MANIFEST}: unreadable ({e})"]
     problems = []
-    for rel, entry in manifest["files"].items():
-        file_path = join(path, rel)
+    for rel, entry in files.items():
+        file_path = join(base, rel)
         if not fs.exists(file_path):
             problems.append(f"{rel}: missing")
         elif sha256_file(file_path, fs) != entry["sha256"]:
             problems.append(f"{rel}: sha256 mismatch")
-    present = {p[len(path.rstrip("/")) + 1 :] for p in fs.find(path)} - {MANIFEST}
-    for extra in sorted(present - set(manifest["files"])):
+    present = {p[len(base.rstrip("/")) + 1 :] for p in fs.find(base)} - {MANIFEST}
+    if base == path:  # other publishers' uploads (registry/store.py) are not this folder's files
+        present = {p for p in present if not p.startswith(".uploads/")}
+    for extra in sorted(present - set(files)):
         problems.append(f"{extra}: not in manifest")
     return problems
+
+
+VERIFY_ENV = "TUNEPIPE_VERIFY"
+"""Set (by `tunepipe run --verify`) to hash every file of every reused output, not only changed ones."""
+
+
+def verify_requested() -> bool:
+    return os.environ.get(VERIFY_ENV) == "1"
+
+
+def check_files(url: str, manifest: dict[str, Any], full: bool = False) -> None:
+    """Raise ArtifactError naming the first file of a committed folder that no longer matches its
+    manifest: missing, another size, or (when its modification time moved, or `full`) other bytes.
+
+    Run before a committed output is reused: a truncated, deleted or substituted file must never
+    reach a downstream stage. Size and mtime are a stat per file; sha256 only where they differ."""
+    fs, path = filesystem(url)
+    base = join(path, manifest_root(manifest)) if manifest.get("root") else path
+    advice = f"the output at {url} was changed after it was committed; delete that folder to rebuild it"
+    for rel, entry in manifest["files"].items():
+        file_path = join(base, safe_relative(rel, f"{url}/{MANIFEST}"))
+        try:
+            info = fs.info(file_path)
+        except FileNotFoundError:
+            raise ArtifactError(f"{file_path}: missing, though the manifest lists it; {advice}") from None
+        if info["size"] != entry["bytes"]:
+            raise ArtifactError(f"{file_path}: {info['size']:,} bytes, the manifest says {entry['bytes']:,}; {advice}")
+        moved = not is_remote(url) and entry.get("mtime_ns") not in (None, os.stat(file_path).st_mtime_ns)
+        if (full or moved) and sha256_file(file_path, fs) != entry["sha256"]:
+            raise ArtifactError(f"{file_path}: sha256 differs from the manifest's; {advice}")
 
 
 class StageOutput:
@@ -196,6 +260,13 @@ class StageOutput:
     def committed(self) -> Artifact | None:
         return load_committed(self.url)
 
+    def verified(self, full: bool | None = None) -> Artifact | None:
+        """The committed output, after checking its files against its manifest (`check_files`)."""
+        done = self.committed()
+        if done is not None:
+            check_files(self.url, read_json(join(self.url, MANIFEST)), full=verify_requested() if full is None else full)
+        return done
+
     def clear_uncommitted(self) -> bool:
         """Delete an interrupted, uncommitted write. Returns whether there was one."""
         fs, path = filesystem(self.url)
@@ -213,22 +284,23 @@ class StageOutput:
 
     def commit(self, stats: dict[str, Any], record: dict[str, Any]) -> Artifact:
         manifest = {"stage": self.stage, "fingerprint": self.fingerprint, "stats": stats, **record}
-        commit_folder(self.path, self.url, manifest)
+        commit_folder(self.path, self.url, manifest, mtimes=self._staging is None)
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
         return Artifact(self.stage, self.fingerprint, self.url, stats)
 
 
-def commit_folder(local: Path, url: str, manifest: dict[str, Any]) -> dict[str, Any]:
+def commit_folder(local: Path, url: str, manifest: dict[str, Any], mtimes: bool = False) -> dict[str, Any]:
     """Record the sha256 of every file under `local` and commit it at `url`, manifest last.
 
     When `url` is `local` itself the files stay put; otherwise (another folder, or a remote
-    URL) they are copied there first. Returns the manifest written.
+    URL) they are copied there first. `mtimes`: also record each file's modification time, the
+    fast path of `check_files` (only meaningful where the files stay). Returns the manifest written.
     """
-    files = {
-        rel: {"sha256": sha256_file(local / rel), "bytes": (local / rel).stat().st_size}
-        for rel in list_files(local)
-    }
+    files = {}
+    for rel in list_files(local):
+        stat = (local / rel).stat()
+        files[rel] = {"sha256": sha256_file(local / rel), "bytes": stat.st_size, **({"mtime_ns": stat.st_mtime_ns} if mtimes else {})}
     manifest = {**manifest, "created_unix": round(time.time(), 3), "files": files}
     text = json.dumps(manifest, indent=2, sort_keys=True, default=str)
     same_place = not is_remote(url) and Path(url).resolve() == Path(local).resolve()

@@ -26,6 +26,7 @@ EPILOG = """examples:
   tunepipe stage tokenize examples/quickstart.yaml           # one stage and what it needs, no Prefect
   tunepipe registry list --registry registry
   tunepipe registry pull quickstart-gpt2 <version> ./model-copy
+  tunepipe registry push runs/by-hand/model my-model v1      # a folder made anywhere, as a version
   tunepipe config --keys                                     # every config key, default and meaning
 """
 
@@ -34,10 +35,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="pipeline YAML (omit for the embedded defaults)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
     p.add_argument("--workdir", default="runs", help="where stage outputs live: a folder or s3:// URL (default: runs)")
+    p.add_argument("--verify", action="store_true", help="hash every file of every reused output (default: only files whose size or time changed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunepipe", description="Fine-tuning pipelines: raw data to a published, versioned model.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="on a failure, show the traceback (default: one line)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the whole pipeline as a Prefect flow")
@@ -49,16 +52,24 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("name", choices=ORDER)
     _add_config_args(stage)
 
-    registry = sub.add_parser("registry", help="list, pull or verify published versions")
+    registry = sub.add_parser("registry", help="list, pull, verify or push published versions")
     registry_sub = registry.add_subparsers(dest="registry_command", required=True)
-    for name, help_text in [("list", "list published versions"), ("pull", "copy a version locally and verify it"), ("verify", "check a version's files against its manifest")]:
+    commands = [
+        ("list", "list published versions"),
+        ("pull", "copy a version into a new folder and verify it"),
+        ("verify", "check a version's files against its manifest"),
+        ("push", "publish a model folder made anywhere (a hand-run torchrun, another tool) as a version"),
+    ]
+    for name, help_text in commands:
         p = registry_sub.add_parser(name, help=help_text)
         p.add_argument("--registry", default="registry", help="registry root: folder or s3:// URL (default: registry)")
-        if name in ("pull", "verify"):
+        if name == "push":
+            p.add_argument("folder", help="the folder to publish, every file in it")
+        if name in ("pull", "verify", "push"):
             p.add_argument("model")
             p.add_argument("version")
         if name == "pull":
-            p.add_argument("dest")
+            p.add_argument("dest", help="a new (or empty) folder")
 
     config = sub.add_parser("config", help="print the resolved config, or every key with --keys")
     _add_config_args(config)
@@ -170,6 +181,10 @@ def cmd_registry(args) -> int:
         problems = artifacts.verify(url)
         print("\n".join(problems) if problems else f"ok: {url}")
         return 1 if problems else 0
+    if args.registry_command == "push":
+        url, written = registry.push_folder(Path(args.folder), args.registry, args.model, args.version)
+        print(f"published: {url}" if written else f"already published, same content: {url}")
+        return 0
     dest = registry.pull_version(args.registry, args.model, args.version, Path(args.dest))
     print(f"pulled and verified: {dest}")
     return 0
@@ -187,18 +202,32 @@ def cmd_config(args, cfg: PipelineConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "registry":
-        return cmd_registry(args)
+    if args.command != "registry":
+        try:
+            # Validate the whole config before any stage runs: a typo must not cost a training run.
+            cfg = load_config(args.config, args.set)
+        except (ConfigError, OSError) as e:
+            print(f"tunepipe: {e}", file=sys.stderr)
+            return 2
+        if args.command in ("run", "stage"):
+            for line in cfg.ignored_settings():
+                print(f"tunepipe: warning: {line}", file=sys.stderr)
+    if getattr(args, "verify", False):
+        from pipeline.artifacts import VERIFY_ENV
+
+        os.environ[VERIFY_ENV] = "1"  # read where outputs are reused, in this process and its children
     try:
-        # Validate the whole config before any stage runs: a typo must not cost a training run.
-        cfg = load_config(args.config, args.set)
-    except (ConfigError, OSError) as e:
-        print(f"tunepipe: {e}", file=sys.stderr)
-        return 2
-    if args.command in ("run", "stage"):
-        for line in cfg.ignored_settings():
-            print(f"tunepipe: warning: {line}", file=sys.stderr)
-    return {"run": cmd_run, "stage": cmd_stage, "config": cmd_config}[args.command](args, cfg)
+        if args.command == "registry":
+            return cmd_registry(args)
+        return {"run": cmd_run, "stage": cmd_stage, "config": cmd_config}[args.command](args, cfg)
+    except Exception as e:
+        if args.debug:
+            raise
+        # One line a user can act on; the traceback is for --debug.
+        known = type(e).__module__.startswith("pipeline.")
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"tunepipe: {reason}" if known else f"tunepipe: {type(e).__name__}: {reason} (--debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

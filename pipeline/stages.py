@@ -130,7 +130,7 @@ def materialize(
     fp = fp or compute_fingerprint(name, cfg, parents)
     out = StageOutput(workdir, name, fp)
     start = time.perf_counter()
-    done = out.committed()
+    done = out.verified()  # a changed or missing file stops the run, naming it: never silent reuse
     if done is not None and still_valid(stage, done):
         return StageResult(name, "cached", fp, time.perf_counter() - start, done.url, done.stats)
     if out.clear_uncommitted():

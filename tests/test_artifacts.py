@@ -43,8 +43,9 @@ def test_commit_writes_a_manifest_with_every_sha256_and_the_stats(tmp_path):
     folder = tmp_path / "demo" / "fp1"
     manifest = json.loads((folder / MANIFEST).read_text())
     assert artifact == Artifact("demo", "fp1", str(folder), {"rows": 3})
-    assert manifest["files"] == {
-        rel: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for rel, data in FILES.items()
+    assert manifest["files"] == {  # the modification time: the fast path of the check before reuse
+        rel: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "mtime_ns": (folder / rel).stat().st_mtime_ns}
+        for rel, data in FILES.items()
     }
     assert (manifest["stage"], manifest["fingerprint"], manifest["stats"]) == ("demo", "fp1", {"rows": 3})
     assert manifest["config"] == {"demo": {"x": 1}}

@@ -72,6 +72,17 @@ def test_gate_checks_only_the_task_metric_and_says_what_failed():
     assert evaluate.judge(EvaluateConfig(), "seq2seq", {"rouge_l": None}) == {"thresholds": {}, "passed": True, "failed": []}
 
 
+@pytest.mark.parametrize("task,metric,gate", [("causal_lm", "perplexity", {"max_perplexity": 40.0}),
+                                              ("classification", "accuracy", {"min_accuracy": 0.5}),
+                                              ("seq2seq", "rouge_l", {"min_rouge_l": 0.1})])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_metric_fails_the_gate_naming_it(task, metric, gate, value):
+    """`nan > 40` is False: a diverged run (train.lr=1e6) once passed the gate and was published."""
+    result = evaluate.judge(EvaluateConfig(**gate), task, {metric: value})
+    assert not result["passed"]
+    assert result["failed"] == [f"{metric} is {value} (the model diverged), evaluate.{next(iter(gate))} is {next(iter(gate.values()))}"]
+
+
 def test_publish_refuses_with_the_metric_and_threshold_that_failed(tmp_path):
     (tmp_path / "evaluate").mkdir()
     gate = evaluate.judge(EvaluateConfig(min_rouge_l=0.4), "seq2seq", {"rouge_l": 0.125})

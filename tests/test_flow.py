@@ -40,6 +40,11 @@ def test_flow_runs_caches_and_republishes_a_deleted_version(prefect_server, tmp_
     cfg = load_config(QUICKSTART, tiny_overrides(registry, **{"train.max_steps": 8}))
     workdir = str(tmp_path / "runs")
 
+    from prefect.settings import get_current_settings
+
+    storage = Path(get_current_settings().results.local_storage_path).expanduser()
+    stored_before = sorted(storage.rglob("*")) if storage.exists() else []
+
     first = finetune(cfg, workdir=workdir)
     assert statuses(first) == {name: "ran" for name in statuses(first)}
     assert list(statuses(first)) == ["ingest", "sample", "preprocess", "tokenize", "train", "evaluate", "publish"]
@@ -50,9 +55,9 @@ def test_flow_runs_caches_and_republishes_a_deleted_version(prefect_server, tmp_
     second = finetune(cfg, workdir=workdir)
     assert set(statuses(second).values()) == {"cached"}
     assert [r.fingerprint for r in second] == [r.fingerprint for r in first]
-    # Prefect's result store is shared by every workdir (and test session): a hit must still
-    # report this workdir's outputs, never the paths another run stored.
     assert [r.output for r in second] == [r.output for r in first]
+    # Nothing was persisted for Prefect to unpickle on the next run: the manifests are the cache.
+    assert (sorted(storage.rglob("*")) if storage.exists() else []) == stored_before
 
     # A cache hit is honoured only while the committed output exists.
     shutil.rmtree(version_url)

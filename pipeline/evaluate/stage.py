@@ -254,6 +254,8 @@ def judge(cfg: EvaluateConfig, task: str, values: dict) -> dict:
         value, at_most = values.get(metric), key.startswith("max_")
         if value is None:
             failed.append(f"{metric} was not measured (no held-out rows) but evaluate.{key} is {threshold}")
+        elif not math.isfinite(value):  # NaN compares false with everything: `nan > 40` would pass
+            failed.append(f"{metric} is {value} (the model diverged), evaluate.{key} is {threshold}")
         elif value > threshold if at_most else value < threshold:
             failed.append(f"{metric} {value:.6g} is not {'<=' if at_most else '>='} evaluate.{key} {threshold}")
     gate = {"thresholds": thresholds, "passed": not failed, "failed": failed}

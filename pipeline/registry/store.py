@@ -1,90 +1,230 @@
 """The model registry: immutable, hash-verified versions at `<registry>/<model>/<version>/`.
 
-A version is committed when its `manifest.json` (sha256 of every file) exists. Versions are
-never overwritten: publishing different content under an existing version is refused.
-Works on a local folder or any fsspec URL (s3://bucket/prefix).
+A version exists once its `manifest.json` (sha256 of every file) exists, and it appears whole or
+not at all. The commit is one atomic, exclusive step, so of N publishers racing for a version
+exactly one wins and the others are told (or, publishing the same content, find it done):
+
+- a folder: the files and the manifest are written to `<model>/.staging-<random>/` beside the
+  version, fsynced, and renamed onto `<model>/<version>`. rename(2) of a directory onto a
+  non-empty one fails, so the first rename wins and a reader never sees a half-made version.
+- an object store (s3://): there is no rename. The files go to `<version>/.uploads/<random>/`,
+  then the manifest, naming that upload as its `root`, is put with If-None-Match: * (s3fs's
+  mode="create"); the store accepts one such put per key.
+
+A publisher removes only what it wrote itself (its staging folder or upload, after losing or
+failing); a folder it did not create is never deleted. Works on a local folder or an s3:// URL.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import sys
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from pipeline import artifacts
-from pipeline.artifacts import MANIFEST
+from pipeline.artifacts import MANIFEST, ArtifactError
+
+NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 128"
 
 
 class RegistryError(RuntimeError):
     pass
 
 
+class VersionExists(RegistryError):
+    """Another publisher committed this version with other content first."""
+
+
+def check_name(kind: str, value: str) -> str:
+    """Model, version and alias names become path parts: refuse anything that could leave the registry."""
+    ok = 0 < len(value) <= 128 and value[0].isalnum() and all(c.isalnum() or c in "._-" for c in value) and value.isascii()
+    if not ok:
+        raise RegistryError(f"{kind} {value!r} is not a valid name: {NAME_RULE} characters")
+    return value
+
+
 def version_url(registry: str, model_name: str, version: str) -> str:
-    return artifacts.join(registry, model_name, version)
+    return artifacts.join(registry, check_name("model name", model_name), check_name("version", version))
 
 
 def publish_version(local: Path, registry: str, model_name: str, version: str, source: dict[str, Any]) -> tuple[str, bool]:
     """Commit the files under `local` as `model_name/version`. Returns (url, newly_written).
 
-    `source` identifies what was published (the fingerprints it came from): publishing the
-    same source again is a no-op, a different source under the same version is refused.
+    `source` identifies what was published (the fingerprints it came from): publishing the same
+    source again is a no-op, a different source under an existing version raises VersionExists.
     """
     url = version_url(registry, model_name, version)
-    if artifacts.exists(artifacts.join(url, MANIFEST)):
-        existing = artifacts.read_json(artifacts.join(url, MANIFEST))
-        if existing.get("source") == source:
-            return url, False
-        raise RegistryError(
-            f"{model_name} version {version} already exists at {url} with different content; "
-            "versions are immutable: set registry.version to a new label"
-        )
+    existing = _committed_manifest(url)
+    if existing is not None:
+        return url, _same_or_refuse(existing, source, model_name, version, url)
+    manifest = {"model_name": model_name, "version": version, "source": source}
+    won = _commit_remote(local, url, manifest) if artifacts.is_remote(url) else _commit_local(local, Path(url), manifest)
+    if won:
+        return url, True
+    return url, _same_or_refuse(_committed_manifest(url), source, model_name, version, url)
+
+
+def push_folder(folder: Path, registry: str, model_name: str, version: str) -> tuple[str, bool]:
+    """Publish a folder made anywhere with the same commit protocol; its identity is its content
+    (every file's sha256), so pushing the same bytes twice is a no-op."""
+    folder = Path(folder)
+    if not folder.is_dir() or not artifacts.list_files(folder):
+        raise RegistryError(f"{folder}: not a folder with files to publish")
+    digests = {rel: artifacts.sha256_file(folder / rel) for rel in artifacts.list_files(folder)}
+    return publish_version(folder, registry, model_name, version, {"pushed_files_sha256": artifacts.hash_json(digests)})
+
+
+def _same_or_refuse(existing: dict | None, source: dict, model_name: str, version: str, url: str) -> bool:
+    if existing is not None and existing.get("source") == source:
+        return False
+    raise VersionExists(
+        f"{model_name} version {version} already exists at {url} with different content; "
+        "versions are immutable: publish under a new version (registry.version)"
+    )
+
+
+def _committed_manifest(url: str) -> dict | None:
+    try:
+        return artifacts.read_json(artifacts.join(url, MANIFEST))
+    except FileNotFoundError:
+        return None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit_local(local: Path, final: Path, manifest: dict) -> bool:
+    """Stage beside the version, then rename onto it; False when another publisher got there first."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".staging-{final.name}-{uuid.uuid4().hex}"
+    try:
+        shutil.copytree(local, staging)
+        artifacts.commit_folder(staging, str(staging), manifest)
+        for path in sorted(staging.rglob("*"), reverse=True):  # files, then their folders: durable before visible
+            _fsync(path)
+        _fsync(staging)
+        try:
+            os.rename(staging, final)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            if not (final / MANIFEST).exists():
+                raise RegistryError(
+                    f"{final} exists but holds no {MANIFEST}: not a committed version (left by an older "
+                    "tunepipe, or by hand). Nothing was deleted; remove it yourself or publish another version"
+                ) from None
+            return False
+        _fsync(final.parent)
+        return True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # ours; gone already after a successful rename
+
+
+def _commit_remote(local: Path, url: str, manifest: dict) -> bool:
+    """Upload under a name of our own, then create the manifest only if none exists."""
     fs, path = artifacts.filesystem(url)
-    if fs.exists(path):  # an interrupted publish: nothing reads it, so it is safe to replace
-        fs.rm(path, recursive=True)
-    artifacts.commit_folder(local, url, {"model_name": model_name, "version": version, "source": source})
-    return url, True
+    root = f".uploads/{uuid.uuid4().hex}"
+    upload = artifacts.join(path, root)
+    committed = False
+    try:
+        files = {}
+        for rel in artifacts.list_files(local):
+            files[rel] = {"sha256": artifacts.sha256_file(local / rel), "bytes": (local / rel).stat().st_size}
+            fs.put_file(str(local / rel), artifacts.join(upload, rel))
+        full = {**manifest, "root": root, "files": files, "created_unix": round(time.time(), 3)}
+        text = json.dumps(full, indent=2, sort_keys=True, default=str)
+        try:
+            fs.pipe_file(artifacts.join(path, MANIFEST), text.encode(), mode="create")
+        except (FileExistsError, OSError) as e:
+            if _committed_manifest(url) is None:  # not a lost race: a real error
+                raise RegistryError(f"could not commit {url}/{MANIFEST}: {e}") from e
+            return False
+        committed = True
+        return True
+    finally:
+        if not committed:
+            try:
+                fs.rm(upload, recursive=True)  # ours, and nobody will ever reference it
+            except FileNotFoundError:
+                pass
 
 
 def list_versions(registry: str) -> list[dict[str, Any]]:
-    """Every committed version under `registry`, oldest first within each model."""
+    """Every committed version under `registry`, oldest first within each model. A version whose
+    manifest cannot be read is left out with a warning; it never hides the others."""
     fs, root = artifacts.filesystem(registry)
     if not fs.exists(root):
         return []
     rows = []
     for manifest_path in sorted(fs.glob(artifacts.join(root, "*", "*", MANIFEST))):
-        manifest = json.loads(fs.cat_file(manifest_path))
         folder = manifest_path[: -len(MANIFEST) - 1]
-        metrics_path = artifacts.join(folder, "metrics.json")
-        metrics = json.loads(fs.cat_file(metrics_path)) if fs.exists(metrics_path) else {}
-        rows.append(
-            {
+        if any(part.startswith(".") for part in folder.split("/")[-2:]):
+            continue  # a publisher's staging folder
+        try:
+            manifest = json.loads(fs.cat_file(manifest_path))
+            files = manifest["files"]
+            base = artifacts.join(folder, artifacts.manifest_root(manifest)) if manifest.get("root") else folder
+            metrics_path = artifacts.join(base, "metrics.json")
+            metrics = json.loads(fs.cat_file(metrics_path)) if "metrics.json" in files else {}
+            row = {
                 "model": manifest.get("model_name"),
                 "version": manifest.get("version"),
                 "created_unix": manifest.get("created_unix"),
-                "files": len(manifest.get("files", {})),
-                "bytes": sum(f["bytes"] for f in manifest.get("files", {}).values()),
+                "files": len(files),
+                "bytes": sum(f["bytes"] for f in files.values()),
                 "perplexity": metrics.get("perplexity"),
                 # The headline number of the version's task, for listings.
-                "metric": next((f"{k} {metrics[k]:.4g}" for k in ("perplexity", "accuracy", "rouge_l") if metrics.get(k) is not None), ""),
+                "metric": next((f"{k} {metrics[k]:.4g}" for k in ("perplexity", "accuracy", "rouge_l") if isinstance(metrics.get(k), (int, float))), ""),
                 "url": folder if not artifacts.is_remote(registry) else registry.split("://")[0] + "://" + folder,
             }
-        )
+        except (ValueError, KeyError, TypeError, AttributeError, OSError, ArtifactError) as e:
+            print(f"tunepipe: warning: skipping {manifest_path}: unreadable manifest ({type(e).__name__}: {e})", file=sys.stderr)
+            continue
+        rows.append(row)
     return sorted(rows, key=lambda r: (r["model"] or "", r["created_unix"] or 0))
 
 
 def pull_version(registry: str, model_name: str, version: str, dest: Path) -> Path:
-    """Copy a version to `dest` and verify every file against its manifest."""
+    """Copy a version to `dest` (absent or an empty folder) and verify every file against its manifest.
+
+    The copy is made beside `dest` and renamed onto it once verified, so `dest` is never half-made,
+    and nothing that was there is deleted: a non-empty `dest` is refused."""
     url = version_url(registry, model_name, version)
+    dest = Path(dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise RegistryError(f"{dest} exists and is not an empty folder; pull into a new folder (nothing was changed)")
     problems = artifacts.verify(url)
     if problems:
         raise RegistryError(f"{url} does not verify: " + "; ".join(problems[:5]))
     fs, path = artifacts.filesystem(url)
-    dest = Path(dest)
-    if dest.exists():
-        shutil.rmtree(dest)
-    fs.get(path.rstrip("/") + "/", str(dest), recursive=True)
-    local_problems = artifacts.verify(str(dest))
-    if local_problems:
-        raise RegistryError(f"copy at {dest} does not verify: " + "; ".join(local_problems[:5]))
+    manifest = json.loads(fs.cat_file(artifacts.join(path, MANIFEST)))
+    base = artifacts.join(path, artifacts.manifest_root(manifest)) if manifest.get("root") else path
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.parent / f".{dest.name}.pulling-{uuid.uuid4().hex}"
+    try:
+        for rel in manifest["files"]:
+            target = artifacts.inside(partial, rel, f"{url}/{MANIFEST}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(artifacts.join(base, rel), str(target))
+        manifest.pop("root", None)  # the copy holds its files beside its manifest
+        (partial / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        local_problems = artifacts.verify(str(partial))
+        if local_problems:
+            raise RegistryError(f"the copy of {url} does not verify: " + "; ".join(local_problems[:5]))
+        if dest.exists():
+            dest.rmdir()  # empty, checked above
+        os.rename(partial, dest)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return dest

@@ -38,7 +38,10 @@ import torch
 from pipeline.config import PipelineConfig, TrainConfig, load_config
 from pipeline.data.loader import held_out_batches, micro_batch_ids, open_split, sample_ids
 from pipeline.train import cpu_dropout, objectives
-from pipeline.train.checkpoint import checkpoint_world_size, load_checkpoint, newest_complete_checkpoint, save_checkpoint
+from pipeline.train.checkpoint import (
+    checkpoint_world_size, exclusive_checkpoints, load_checkpoint, newest_complete_checkpoint, newest_loadable_checkpoint,
+    save_checkpoint,
+)
 from pipeline.train.methods import Method, method_for, save_trained, unwrap
 from pipeline.train.modeling import build_model, count_parameters
 from pipeline.train.observe import Monitor, flops_per_token, peak_flops, peak_memory_bytes
@@ -151,7 +154,7 @@ def setup(cfg: PipelineConfig, tokenized: Path, info: DistInfo) -> Run:
 
 def resume(run: Run, ckpt_root: Path) -> TrainState:
     """The state of the newest complete checkpoint (model and optimizer restored into the replica), or a fresh one."""
-    folder = newest_complete_checkpoint(ckpt_root)
+    folder = newest_loadable_checkpoint(ckpt_root, log=print if run.info.is_main else lambda _: None)
     if folder is None:
         return TrainState()
     state = TrainState.from_dict(load_checkpoint(folder, run.replica, run.info))
@@ -289,7 +292,21 @@ def run_stats(run: Run, state: TrainState, start_step: int, tokens: int, seconds
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.set)
-    tcfg, info = cfg.train, init_distributed()
+    info = init_distributed()
+    # Rank 0 holds the checkpoint folder while it trains: a second trainer (an orphaned worker, a
+    # second run of the same config) stops before it writes a byte, naming the holder.
+    with exclusive_checkpoints(Path(args.checkpoints), hold=info.is_main):
+        run = train(args, cfg, info)
+    barrier(info)
+    cleanup(info)
+    if info.is_distributed:
+        _KEPT_UNTIL_EXIT.append(run)  # not freed when main() returns: see run_and_exit
+    return 0
+
+
+def train(args: argparse.Namespace, cfg: PipelineConfig, info: DistInfo) -> Run:
+    """setup -> resume -> train_step until done (validate, checkpoint) -> save_model."""
+    tcfg = cfg.train
     tokenized, output, ckpt_root = Path(args.tokenized), Path(args.output), Path(args.checkpoints)
     run = setup(cfg, tokenized, info)
     state = resume(run, ckpt_root)
@@ -326,11 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     save_model(run, state, tokenized, output, stats)
     monitor.summary(stats, state, memory)
     monitor.close()
-    barrier(info)
-    cleanup(info)
-    if info.is_distributed:
-        _KEPT_UNTIL_EXIT.append(run)  # not freed when main() returns: see run_and_exit
-    return 0
+    return run
 
 
 def open_sample_log(output: Path, rank: int):

@@ -10,6 +10,7 @@ import torch
 from pipeline.config import TrainConfig
 from pipeline.train.parallel.dist import DistInfo
 from pipeline.train.parallel.optim import build_optimizer, set_lr
+from pipeline.train.tensor_files import load_tensors, save_tensors
 
 
 class DDPReplica:
@@ -74,10 +75,10 @@ class DDPReplica:
             state = {"model": self._trainable_state(), "optimizer": self.optimizer.state_dict()}
             if self.scaler:
                 state["scaler"] = self.scaler.state_dict()
-            torch.save(state, Path(folder) / "replica.pt")
+            save_tensors(state, Path(folder) / "replica.pt")
 
     def load(self, folder: Path) -> None:
-        state = torch.load(Path(folder) / "replica.pt", map_location=self.info.device, weights_only=False)
+        state = load_tensors(Path(folder) / "replica.pt", map_location=self.info.device)
         missing, unexpected = self.module.load_state_dict(state["model"], strict=False)
         still_missing = [n for n, p in self.module.named_parameters() if p.requires_grad and n in missing]
         if still_missing or unexpected:

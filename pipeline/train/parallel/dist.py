@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -27,8 +30,24 @@ class DistInfo:
         return self.world_size > 1
 
 
+def die_with_launcher() -> None:
+    """Under torchrun, end this worker when its launcher (torchrun's agent) dies, even by SIGKILL.
+
+    torchrun starts each worker in a session of its own, so a kill -9 of the run's process group
+    reaches torchrun but not the workers: they trained on, writing checkpoints beside the rerun,
+    for 10-15 s in one probe. The launcher's own death signal comes from train/stage.py."""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    launcher = os.getppid()
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != launcher or launcher == 1:  # it died before the signal was armed
+        os._exit(1)
+
+
 def init_distributed() -> DistInfo:
     """Join the process group torchrun described (or run alone when started without torchrun)."""
+    die_with_launcher()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -111,6 +111,7 @@ class DeepSpeedReplica:
         stage = self.engine.zero_optimization_stage()
         if meta["zero_stage"] != stage:
             raise RuntimeError(f"{folder} holds a ZeRO stage {meta['zero_stage']} checkpoint; this run uses stage {stage}")
+        _load_data_only(self.engine)
         path, _ = self.engine.load_checkpoint(
             str(folder), tag=meta["tag"], load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=True
         )
@@ -143,6 +144,32 @@ class DeepSpeedReplica:
             if self.info.is_main:
                 out[key] = full
         return out if self.info.is_main else None
+
+
+def _deepspeed_state_classes() -> list:
+    """The classes of DeepSpeed's own that its ZeRO-1/2/3 checkpoints pickle (found by loading them
+    with weights_only=True); nothing else may be unpickled from a checkpoint."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _load_data_only(engine) -> None:
+    """DeepSpeed's checkpoint engine unpickles with weights_only=False, so a planted file in the
+    checkpoint folder would run its code on resume. Route every load through weights_only=True,
+    allowing DeepSpeed's own state classes and nothing else."""
+    checkpoint_engine = getattr(engine, "checkpoint_engine", None)
+    if checkpoint_engine is None:
+        raise RuntimeError("this DeepSpeed version has no checkpoint_engine to load through; refusing to unpickle its checkpoint")
+    allowed = _deepspeed_state_classes()
+
+    def load(path, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    checkpoint_engine.load = load
 
 
 def _ensure_process_group(info: DistInfo) -> None:

@@ -1,0 +1,72 @@
+"""After kill -9 of a whole run nothing of it lives on, and two trainers never write into one
+checkpoint folder. Real processes, counted with psutil."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from tiny import REPO, cli_args, cli_command, make_blocks, trainer_args, wait_for
+
+pytestmark = pytest.mark.integration
+
+LONG_RUN = ("model.n_layer=1", "model.n_head=2", "model.n_embd=16", "train.max_steps=100000", "train.micro_batch_size=4",
+            "train.save_every_steps=5", "train.tensorboard=false")
+
+
+def alive_with(text: str) -> list[psutil.Process]:
+    """Live processes whose command line mentions `text` (a path unique to the test)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and any(text in part for part in proc.info["cmdline"] or ()):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def test_a_second_trainer_is_refused_naming_the_holder(tmp_path):
+    tokenized = make_blocks(tmp_path / "tok")
+    first = subprocess.Popen([sys.executable, "-m", "pipeline.train", *trainer_args(tokenized, tmp_path / "a", *LONG_RUN)],
+                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: list((tmp_path / "a" / "ckpt").glob("step_*/COMPLETE")), 120, "the first trainer's first checkpoint")
+        args = trainer_args(tokenized, tmp_path / "b", *LONG_RUN)
+        args[args.index("--checkpoints") + 1] = str(tmp_path / "a" / "ckpt")  # the same folder
+        second = subprocess.run([sys.executable, "-m", "pipeline.train", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1
+        assert f"{tmp_path / 'a' / 'ckpt'} is in use by another trainer (pid {first.pid} on " in second.stderr
+        assert not (tmp_path / "b" / "out").exists()
+        assert first.poll() is None  # the holder trains on, untouched
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_kill_9_of_the_whole_run_leaves_no_process_of_it(tmp_path):
+    """torchrun puts its workers in sessions of their own: a process-group kill reaches only the
+    CLI and torchrun. Each worker dies with its launcher, within 5 s, even with output to a pipe."""
+    workdir = tmp_path / "runs"
+    cmd = cli_command(*cli_args("stage", workdir, tmp_path / "registry", "train", **{"train.max_steps": 100000, "train.nproc_per_node": 2, "train.log_every_steps": 100000}))
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: list(workdir.glob("scratch/train/*/checkpoints/step_*/COMPLETE")), 300, "a first checkpoint")
+        assert len(alive_with(str(workdir))) >= 4  # CLI, torchrun, two workers
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 5
+    while alive_with(str(workdir)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [p.info["cmdline"][:4] for p in alive_with(str(workdir))] == []
+    [folder] = workdir.glob("scratch/train/*/checkpoints")
+    saved = sorted(folder.glob("step_*"))
+    time.sleep(2)
+    assert sorted(folder.glob("step_*")) == saved  # nobody writes there any more
