@@ -48,7 +48,10 @@ def finetune(cfg: PipelineConfig, workdir: str = "runs", until: str | None = Non
         parents = {p: results[p].artifact for p in stages.STAGES[name].parents}
         fp = stages.compute_fingerprint(name, cfg, parents)
         start = time.perf_counter()
-        result: StageResult = STAGE_TASKS[name](name, fp, cfg, parents, workdir)
+        try:
+            result: StageResult = STAGE_TASKS[name](name, fp, cfg, parents, workdir)
+        except Exception as e:
+            raise stages.StageFailed(stages.failed_result(name, fp, start, e), list(results.values()), e) from e
         results[name] = result
         print(f"[{name}] {result.status} in {time.perf_counter() - start:.1f}s -> {result.output}")
         if name == until:

@@ -113,12 +113,14 @@ def write_summary(results, cfg: PipelineConfig, workdir: str) -> Path:
     from pipeline.artifacts import is_remote
 
     base = Path(workdir) if not is_remote(workdir) else Path("runs")
-    run_dir = base / "history" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    suffix, candidate = 1, run_dir
-    while candidate.exists():
-        candidate, suffix = Path(f"{run_dir}-{suffix}"), suffix + 1
-    run_dir = candidate
-    run_dir.mkdir(parents=True)
+    stamp = base / "history" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    for suffix in range(10_000):  # two runs in one second (or at once) each get a folder of their own
+        run_dir = stamp if suffix == 0 else Path(f"{stamp}-{suffix}")
+        try:
+            run_dir.mkdir(parents=True)
+            break
+        except FileExistsError:
+            continue
     publish = next((r for r in results if r.name == "publish"), None)
     summary = {
         "stages": [r.as_summary() for r in results],
@@ -144,21 +146,48 @@ def cmd_run(args, cfg: PipelineConfig) -> int:
     Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")).expanduser().mkdir(parents=True, exist_ok=True)
     from flows.finetune import finetune
 
-    results = finetune(cfg, workdir=args.workdir)
-    # Prefect logs "Stopping temporary server" at exit; keep the summary path the last line.
-    logging.getLogger("prefect").setLevel(logging.WARNING)
-    summary = write_summary(results, cfg, args.workdir)
-    print(summary.resolve())
-    return 0
+    if not args.debug:
+        _one_line_failures()
+    try:
+        return _summarised(lambda: finetune(cfg, workdir=args.workdir), cfg, args.workdir)
+    finally:
+        # Prefect logs "Stopping temporary server" at exit: keep the summary path (stdout) and
+        # the reason of a failure (stderr) the last lines.
+        logging.getLogger("prefect").setLevel(logging.WARNING)
 
 
 def cmd_stage(args, cfg: PipelineConfig) -> int:
     from pipeline.stages import run_stages
 
-    results = run_stages(cfg, args.workdir, until=args.name)
-    summary = write_summary(results, cfg, args.workdir)
-    print(summary.resolve())
+    return _summarised(lambda: run_stages(cfg, args.workdir, until=args.name), cfg, args.workdir)
+
+
+def _summarised(run, cfg: PipelineConfig, workdir: str) -> int:
+    """Run the stages; write summary.json (a failed run's too) and print its path as the last line."""
+    from pipeline.stages import StageFailed
+
+    try:
+        results = run()
+    except StageFailed as failed:
+        print(write_summary(failed.results, cfg, workdir).resolve())
+        raise
+    print(write_summary(results, cfg, workdir).resolve())
     return 0
+
+
+class _NoTraceback(logging.Filter):
+    """Prefect logs a failed task's traceback; without --debug the CLI's one line says it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return "Traceback (most recent call last)" not in record.getMessage()
+
+
+def _one_line_failures() -> None:
+    # On the loggers that report run failures (a logger's filters see its records before any
+    # handler, console or API, does), so Prefect's own handler set-up cannot drop them.
+    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.engine", "prefect.flow_engine", "prefect.task_engine"):
+        logging.getLogger(name).addFilter(_NoTraceback())
 
 
 def cmd_registry(args) -> int:

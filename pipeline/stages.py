@@ -23,6 +23,25 @@ class StageInputsChanged(RuntimeError):
     pass
 
 
+class StageFailed(RuntimeError):
+    """A stage raised; carries the results of the stages before it and the failed one's, so the
+    run can still write its summary. The message names the stage and the reason."""
+
+    def __init__(self, failed: "StageResult", done: list["StageResult"], error: BaseException):
+        reason = str(error).strip() or type(error).__name__
+        super().__init__(f"{failed.name} stage failed: {reason}")
+        self.failed, self.done, self.error = failed, done, error
+
+    @property
+    def results(self) -> list["StageResult"]:
+        return [*self.done, self.failed]
+
+
+def failed_result(name: str, fp: str, started: float, error: BaseException) -> "StageResult":
+    reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+    return StageResult(name, "failed", fp, time.perf_counter() - started, "", {"error": reason})
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -184,7 +203,11 @@ def run_stages(
     results: dict[str, StageResult] = {}
     for name in ORDER:
         parents = {p: results[p].artifact for p in STAGES[name].parents}
-        results[name] = materialize(name, cfg, parents, workdir, log=log)
+        fp, started = compute_fingerprint(name, cfg, parents), time.perf_counter()
+        try:
+            results[name] = materialize(name, cfg, parents, workdir, fp=fp, log=log)
+        except Exception as e:
+            raise StageFailed(failed_result(name, fp, started, e), list(results.values()), e) from e
         log(f"[{name}] {results[name].status} -> {results[name].output}")
         if name == until:
             break
