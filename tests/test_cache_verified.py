@@ -14,6 +14,7 @@ from tiny import QUICKSTART, REPO, cli_args, cli_command, tiny_overrides
 from pipeline import stages
 from pipeline.artifacts import MANIFEST, VERIFY_ENV, ArtifactError
 from pipeline.config import load_config
+from pipeline.stages import StageFailed
 
 
 @pytest.fixture
@@ -47,8 +48,9 @@ def test_a_tampered_cached_file_stops_the_run_naming_it(cached, tamper, says):
     cfg, workdir, shard = cached
     sample_before = sorted(p.stat().st_mtime_ns for p in Path(workdir, "sample").rglob("*.parquet"))
     tamper(shard)
-    with pytest.raises(ArtifactError, match=rf"{shard}: .*{says}.*delete that folder to rebuild it"):
+    with pytest.raises(StageFailed, match=rf"ingest stage failed: {shard}: .*{says}.*delete that folder to rebuild it") as failed:
         rerun(cfg, workdir)
+    assert isinstance(failed.value.error, ArtifactError) and failed.value.done == []
     assert sorted(p.stat().st_mtime_ns for p in Path(workdir, "sample").rglob("*.parquet")) == sample_before
 
 
@@ -59,7 +61,7 @@ def test_a_substitution_that_keeps_size_and_time_is_caught_with_verify(cached, m
     os.utime(shard, ns=(entry["mtime_ns"], entry["mtime_ns"]))
     assert set(rerun(cfg, workdir).values()) == {"cached"}  # the fast path cannot see it: documented
     monkeypatch.setenv(VERIFY_ENV, "1")
-    with pytest.raises(ArtifactError, match="sha256 differs"):
+    with pytest.raises(StageFailed, match="ingest stage failed: .*sha256 differs"):
         rerun(cfg, workdir)
 
 
@@ -73,5 +75,5 @@ def test_the_command_line_says_it_in_one_line(tmp_path):
     done = subprocess.run(cli_command(*cli_args("stage", workdir, registry, "sample")), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
-        f"tunepipe: {shard}: 11 bytes, the manifest says {recorded:,}; "
+        f"tunepipe: ingest stage failed: {shard}: 11 bytes, the manifest says {recorded:,}; "
         f"the output at {shard.parents[1]} was changed after it was committed; delete that folder to rebuild it"]

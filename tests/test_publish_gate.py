@@ -16,8 +16,9 @@ def test_gate_refuses_to_publish_and_keeps_the_evaluation(tmp_path, monkeypatch)
     monkeypatch.chdir(REPO)
     registry = tmp_path / "registry"
     cfg = load_config(QUICKSTART, tiny_overrides(registry, **{"train.max_steps": 2, "evaluate.max_perplexity": 1.0001}))
-    with pytest.raises(GateFailed, match="max_perplexity"):
+    with pytest.raises(stages.StageFailed, match="publish stage failed: .*max_perplexity") as failed:
         stages.run_stages(cfg, str(tmp_path / "runs"), log=lambda _: None)
+    assert isinstance(failed.value.error, GateFailed) and [r.name for r in failed.value.done][-1] == "evaluate"
     assert not registry.exists() or not any(registry.rglob("manifest.json"))
     # Everything before publish is committed, so loosening the gate only re-evaluates and publishes.
     looser = load_config(QUICKSTART, tiny_overrides(registry, **{"train.max_steps": 2, "evaluate.max_perplexity": 1e9}))

@@ -57,6 +57,7 @@ EXPECTED_COMMANDS = [
     "torchrun --standalone --nproc_per_node 2 -m pipeline.train --tokenized runs/tokenize/<fingerprint> "
     "--config examples/quickstart.yaml --output runs/by-hand/model --checkpoints runs/by-hand/checkpoints "
     "--set train.lr=3e-4",
+    "tunepipe registry push runs/by-hand/model my-model v1 --registry registry",
 ]
 
 EXCLUDED = {
@@ -236,6 +237,8 @@ def prerequisites(command: str) -> list[str]:
     """README commands that must have run before `command` (the README shows them in this order)."""
     if "minilm_classification.yaml" in command:
         return [s.command for s in SHOWN if "debian_corpus.py" in s.command]
+    if command.startswith("tunepipe registry push "):  # pushes the folder the by-hand torchrun wrote
+        return [s.command for s in SHOWN if s.command.startswith("torchrun ")]
     return []
 
 
@@ -316,6 +319,9 @@ def check_registry(session: Session, shown: Shown, ran: Ran) -> None:
     assert ran.returncode == 0, ran.describe()
     args = build_parser().parse_args(ran.argv[1:])
     assert Path(args.registry) == session.registry, "the README's registry commands must name the quickstart's registry"
+    if args.registry_command == "push":
+        check_push(session, args, ran)
+        return
     version = session.placeholder("version")
     url = session.registry / "quickstart-gpt2" / version
     if args.registry_command == "list":
@@ -326,6 +332,20 @@ def check_registry(session: Session, shown: Shown, ran: Ran) -> None:
         assert ran.stdout.strip() == f"pulled and verified: {args.dest}"
         weights = "model/model.safetensors"
         assert (Path(args.dest) / weights).read_bytes() == (url / weights).read_bytes()
+
+
+def check_push(session: Session, args, ran: Ran) -> None:
+    """The folder is now a committed version holding exactly its files, byte for byte."""
+    from pipeline import artifacts
+
+    url = session.registry / args.model / args.version
+    assert ran.stdout.strip() == f"published: {url}", ran.describe()
+    assert artifacts.verify(str(url)) == []
+    folder = Path(args.folder)
+    pushed = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert "model/model.safetensors" in pushed, sorted(pushed)
+    assert set(json.loads((url / "manifest.json").read_text())["files"]) == set(pushed)
+    assert {rel: (url / rel).read_bytes() for rel in pushed} == pushed
 
 
 def check_debian_corpus(session: Session, shown: Shown, ran: Ran) -> None:
