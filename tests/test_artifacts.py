@@ -221,6 +221,25 @@ def test_s3_download_refuses_a_corrupt_file(tmp_path, s3_bucket, monkeypatch):
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("hostile", ["../../../../escaped.bin", "/tmp/escaped-abs.bin", "sub/../../escaped.bin"])
+def test_s3_download_refuses_a_manifest_path_outside_the_cache(tmp_path, s3_bucket, monkeypatch, hostile):
+    """A manifest on shared storage is written by whoever can write there: its names must not
+    place files outside the local cache folder."""
+    monkeypatch.setenv("TUNEPIPE_CACHE", str(tmp_path / "a" / "b" / "cache"))
+    out = StageOutput(f"s3://{s3_bucket}/work", "demo", "fp1")
+    write_tree(out.prepare(), FILES)
+    artifact = out.commit({}, {})
+    s3 = fsspec.filesystem("s3")
+    manifest = json.loads(s3.cat_file(f"{s3_bucket}/work/demo/fp1/{MANIFEST}"))
+    manifest["files"] = {hostile: manifest["files"]["a.txt"]}
+    s3.pipe_file(f"{s3_bucket}/work/demo/fp1/{MANIFEST}", json.dumps(manifest).encode())
+
+    with pytest.raises(artifacts.ArtifactError, match="unsafe path"):
+        artifact.local_path()
+    assert not list(tmp_path.rglob("escaped*")) and not Path("/tmp/escaped-abs.bin").exists()
+
+
+@pytest.mark.integration
 def test_s3_workdir_gives_the_same_bytes_as_a_local_one(tmp_path, s3_bucket):
     cfg = tiny_ingest_config(tmp_path, rows=50)
     local = stages.materialize("ingest", cfg, {}, str(tmp_path / "runs"), log=quiet)
