@@ -1,24 +1,27 @@
 """Content-addressed stage outputs: fingerprints, the commit protocol and verification.
 
-A stage writes into `<root>/<stage>/<fingerprint>/` and commits by writing `manifest.json`
-last. The manifest lists the sha256 of every file plus the stage's stats, config and parents.
-A folder without a manifest is an interrupted write: it is never read, and the next run
-deletes it before writing again (levanter's cache ledger, torchtitan's "a checkpoint is valid
-once its metadata exists").
+A stage's output lives at `<root>/<stage>/<fingerprint>/` and exists once its `manifest.json`
+(the sha256 of every file, the stage's stats, config and parents) does. It is written elsewhere
+first and made visible in one atomic, exclusive step (`StageOutput`: a rename on a folder, a
+conditional put of the manifest on an object store), so a reader never sees half an output, two
+writers never mix, and nobody deletes a folder it did not create (levanter's cache ledger,
+torchtitan's "a checkpoint is valid once its metadata exists", git's object store).
 
-Roots may be local folders or fsspec URLs (s3://bucket/prefix). Remote stage outputs are
-written to a local staging folder and uploaded file by file, manifest last, so the rule
-"no manifest, not committed" holds on object stores that have no atomic rename.
+Before an output is reused its files are checked against the manifest (`check_files`); names in a
+manifest are data and are validated before they touch a path (`safe_relative`, `inside`).
+Roots may be local folders or fsspec URLs (s3://bucket/prefix).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +101,12 @@ def inside(root: Path, rel: str, where: str = "a manifest") -> Path:
     return target
 
 
+def file_url(url: str, rel: str) -> str:
+    """Where file `rel` of the committed folder at `url` is stored (under the manifest's root)."""
+    root = manifest_root(read_json(join(url, MANIFEST)))
+    return join(url, root, safe_relative(rel)) if root else join(url, safe_relative(rel))
+
+
 def manifest_root(manifest: dict) -> str:
     """Where a committed folder's files sit under it: '' (beside the manifest), or the upload
     folder an object-store publish wrote them to (registry/store.py)."""
@@ -155,15 +164,21 @@ class Artifact:
             return local
         fs, path = filesystem(self.url)
         manifest = json.loads(fs.cat_file(join(path, MANIFEST)))
-        shutil.rmtree(local, ignore_errors=True)
-        local.mkdir(parents=True)
-        for rel, entry in manifest["files"].items():
-            target = inside(local, rel, f"{self.url}/{MANIFEST}")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(join(path, manifest_root(manifest), rel), str(target))
-            if sha256_file(target) != entry["sha256"]:
-                raise ArtifactError(f"{self.url}/{rel}: sha256 does not match its manifest")
-        (local / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        local.parent.mkdir(parents=True, exist_ok=True)
+        # Downloaded beside its place and renamed onto it: two runs sharing the cache never delete
+        # each other's download, and a killed one leaves no half-made copy where a reader looks.
+        partial = Path(tempfile.mkdtemp(prefix=f".{self.fingerprint[:16]}-", dir=local.parent))
+        try:
+            for rel, entry in manifest["files"].items():
+                target = inside(partial, rel, f"{self.url}/{MANIFEST}")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(join(path, manifest_root(manifest), rel), str(target))
+                if sha256_file(target) != entry["sha256"]:
+                    raise ArtifactError(f"{self.url}/{rel}: sha256 does not match its manifest")
+            copy = {k: v for k, v in manifest.items() if k not in ("root", "files")}  # files: recorded anew, with times
+            commit_staged(partial, local, copy, mtimes=True)  # False: another run's copy got there first
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
         return local
 
 
@@ -242,20 +257,21 @@ def check_files(url: str, manifest: dict[str, Any], full: bool = False) -> None:
 
 
 class StageOutput:
-    """The folder a stage run writes into, committed by `commit()`.
+    """The folder a stage run writes into, made visible by `commit()` in one atomic, exclusive step.
 
-    Local roots: the stage writes straight into `<root>/<stage>/<fingerprint>/`.
-    Remote roots: it writes into a local staging folder that `commit()` uploads.
+    Local roots: the stage writes into its own `<root>/<stage>/.staging-<fp>-<random>/`, beside its
+    final place, and commit renames it onto `<root>/<stage>/<fingerprint>/` (`commit_staged`).
+    Remote roots: it writes into a local temporary folder that commit uploads under a name of its
+    own and then points a conditionally created manifest at (`commit_upload`). Either way, of two
+    runs writing the same output at once, one commits and the other removes only its own files
+    and reads the winner's; no run ever deletes a folder it did not create, and a killed run
+    leaves its staging folder behind, never a half-made output.
     """
 
     def __init__(self, root: str, stage: str, fp: str):
-        self.stage = stage
-        self.fingerprint = fp
+        self.root, self.stage, self.fingerprint = str(root), stage, fp
         self.url = join(root, stage, fp)
-        self._staging: Path | None = None
-        # Remote: the staging folder is made by prepare(), so that the runner's mere
-        # `committed()` check on every cached stage leaves no empty temp folder behind.
-        self.path: Path | None = None if is_remote(root) else Path(self.url)
+        self.path: Path | None = None  # made by prepare(): a cached stage's check leaves nothing behind
 
     def committed(self) -> Artifact | None:
         return load_committed(self.url)
@@ -267,53 +283,102 @@ class StageOutput:
             check_files(self.url, read_json(join(self.url, MANIFEST)), full=verify_requested() if full is None else full)
         return done
 
-    def clear_uncommitted(self) -> bool:
-        """Delete an interrupted, uncommitted write. Returns whether there was one."""
-        fs, path = filesystem(self.url)
-        if fs.exists(path) and not fs.exists(join(path, MANIFEST)):
-            fs.rm(path, recursive=True)
-            return True
-        return False
-
     def prepare(self) -> Path:
-        self.clear_uncommitted()
-        if self.path is None:
-            self._staging = self.path = Path(tempfile.mkdtemp(prefix=f"tunepipe-{self.stage}-"))
-        self.path.mkdir(parents=True, exist_ok=True)
+        if is_remote(self.root):
+            self.path = Path(tempfile.mkdtemp(prefix=f"tunepipe-{self.stage}-"))
+        else:
+            parent = Path(self.root) / self.stage
+            parent.mkdir(parents=True, exist_ok=True)
+            self.path = Path(tempfile.mkdtemp(prefix=f".staging-{self.fingerprint[:16]}-", dir=parent))
         return self.path
 
+    def abandon(self) -> None:
+        """Remove this run's own staging folder (the run failed)."""
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+
     def commit(self, stats: dict[str, Any], record: dict[str, Any]) -> Artifact:
+        """Commit, or find that a concurrent run committed this output first; returns the committed artifact."""
         manifest = {"stage": self.stage, "fingerprint": self.fingerprint, "stats": stats, **record}
-        commit_folder(self.path, self.url, manifest, mtimes=self._staging is None)
-        if self._staging is not None:
-            shutil.rmtree(self._staging, ignore_errors=True)
-        return Artifact(self.stage, self.fingerprint, self.url, stats)
+        try:
+            if is_remote(self.url):
+                commit_upload(self.path, self.url, manifest)
+            else:
+                commit_staged(self.path, Path(self.url), manifest, mtimes=True)
+        finally:
+            self.abandon()  # after a won rename there is nothing left to remove
+        return load_committed(self.url)
 
 
-def commit_folder(local: Path, url: str, manifest: dict[str, Any], mtimes: bool = False) -> dict[str, Any]:
-    """Record the sha256 of every file under `local` and commit it at `url`, manifest last.
-
-    When `url` is `local` itself the files stay put; otherwise (another folder, or a remote
-    URL) they are copied there first. `mtimes`: also record each file's modification time, the
-    fast path of `check_files` (only meaningful where the files stay). Returns the manifest written.
-    """
+def file_entries(local: Path, mtimes: bool = False) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file under `local` (and its modification time: the fast path of
+    `check_files`, only meaningful where the files stay)."""
     files = {}
     for rel in list_files(local):
         stat = (local / rel).stat()
         files[rel] = {"sha256": sha256_file(local / rel), "bytes": stat.st_size, **({"mtime_ns": stat.st_mtime_ns} if mtimes else {})}
-    manifest = {**manifest, "created_unix": round(time.time(), 3), "files": files}
-    text = json.dumps(manifest, indent=2, sort_keys=True, default=str)
-    same_place = not is_remote(url) and Path(url).resolve() == Path(local).resolve()
-    if same_place:
-        tmp = local / (MANIFEST + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, local / MANIFEST)  # atomic: the folder is committed or it is not
-        return manifest
+    return files
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit_staged(staging: Path, final: Path, manifest: dict[str, Any], mtimes: bool = False) -> bool:
+    """Write the manifest into `staging` (a folder beside `final`), make it durable, and rename it
+    onto `final`. rename(2) onto a non-empty folder fails, so exactly one of several writers wins:
+    False for the others (their staging folder is theirs to remove). A folder at `final` without a
+    manifest is not ours to replace: refused, naming it."""
+    manifest = {**manifest, "created_unix": round(time.time(), 3), "files": file_entries(staging, mtimes)}
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    for path in sorted(staging.rglob("*"), reverse=True):  # files, then their folders: durable before visible
+        _fsync(path)
+    _fsync(staging)
+    try:
+        os.rename(staging, final)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        if not (final / MANIFEST).exists():
+            raise ArtifactError(
+                f"{final} exists but holds no {MANIFEST}: not a committed folder (left by an older tunepipe, "
+                "or made by hand). Nothing was deleted; remove it yourself to let it be written"
+            ) from None
+        return False
+    _fsync(final.parent)
+    return True
+
+
+def commit_upload(local: Path, url: str, manifest: dict[str, Any]) -> bool:
+    """Upload `local` to `<url>/.uploads/<random>/`, then create `<url>/manifest.json`, naming that
+    upload as its `root`, only if none exists (If-None-Match: *, s3fs's mode="create"). False when
+    another writer's manifest was there first; the upload is then removed (it is ours, and no
+    manifest will ever name it). Exclusive only where the store honours conditional writes (AWS
+    S3, MinIO, moto); elsewhere the last manifest wins."""
     fs, path = filesystem(url)
-    fs.makedirs(path, exist_ok=True)
-    for rel in files:
-        if "/" in rel:
-            fs.makedirs(join(path, rel.rsplit("/", 1)[0]), exist_ok=True)
-        fs.put_file(str(local / rel), join(path, rel))
-    fs.pipe_file(join(path, MANIFEST), text.encode())
-    return manifest
+    root = f".uploads/{uuid.uuid4().hex}"
+    upload = join(path, root)
+    committed = False
+    try:
+        files = file_entries(local)
+        for rel in files:
+            fs.put_file(str(local / rel), join(upload, rel))
+        full = {**manifest, "root": root, "files": files, "created_unix": round(time.time(), 3)}
+        try:
+            fs.pipe_file(join(path, MANIFEST), json.dumps(full, indent=2, sort_keys=True, default=str).encode(), mode="create")
+        except OSError as e:  # PreconditionFailed arrives as an OSError (FileExistsError, or s3fs's own)
+            if not fs.exists(join(path, MANIFEST)):
+                raise ArtifactError(f"could not commit {url}/{MANIFEST}: {e}") from e
+            return False
+        committed = True
+        return True
+    finally:
+        if not committed:
+            try:
+                fs.rm(upload, recursive=True)
+            except FileNotFoundError:
+                pass

@@ -152,28 +152,30 @@ def materialize(
     done = out.verified()  # a changed or missing file stops the run, naming it: never silent reuse
     if done is not None and still_valid(stage, done):
         return StageResult(name, "cached", fp, time.perf_counter() - start, done.url, done.stats)
-    if out.clear_uncommitted():
-        log(f"[{name}] removed an uncommitted partial output at {out.url}")
     path = out.prepare()
-    module = stage.load()
-    inputs = {p: parents[p].local_path() for p in stage.parents}
-    stats = module.run(*_sections(stage, cfg), inputs=inputs, out=path, scratch=scratch_dir(workdir, name, fp))
-    # The fingerprint was taken before the run; if a data file or the stage's code changed
-    # meanwhile, the output belongs to neither version. Hashes are cached by (size, mtime),
-    # so this re-check costs a stat per file unless something did change.
-    fp_after, content = _fingerprint_and_content(name, cfg, parents)
-    if fp_after != fp:
-        raise StageInputsChanged(
-            f"[{name}] its input files or code changed while it ran; nothing was committed, run again"
-        )
+    try:
+        module = stage.load()
+        inputs = {p: parents[p].local_path() for p in stage.parents}
+        stats = module.run(*_sections(stage, cfg), inputs=inputs, out=path, scratch=scratch_dir(workdir, name, fp))
+        # The fingerprint was taken before the run; if a data file or the stage's code changed
+        # meanwhile, the output belongs to neither version. Hashes are cached by (size, mtime),
+        # so this re-check costs a stat per file unless something did change.
+        fp_after, content = _fingerprint_and_content(name, cfg, parents)
+        if fp_after != fp:
+            raise StageInputsChanged(
+                f"[{name}] its input files or code changed while it ran; nothing was committed, run again"
+            )
+    except BaseException:
+        out.abandon()  # our own staging folder; a concurrent run's is not ours to touch
+        raise
     record = {
         "content": content,
         "config": {s: getattr(cfg, s).model_dump(mode="json") for s in stage.sections},
         "parents": {p: {"fingerprint": parents[p].fingerprint, "url": parents[p].url} for p in stage.parents},
     }
-    artifact = out.commit(stats, record)
+    artifact = out.commit(stats, record)  # a concurrent run may have committed first: then it is theirs
     status = "resumed" if stats.get("resumed_from_step") else "ran"
-    return StageResult(name, status, fp, time.perf_counter() - start, artifact.url, stats)
+    return StageResult(name, status, fp, time.perf_counter() - start, artifact.url, artifact.stats)
 
 
 def still_valid(stage: Stage, done: Artifact) -> bool:

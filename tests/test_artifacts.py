@@ -97,34 +97,48 @@ def test_verify_and_load_refuse_an_uncommitted_folder(tmp_path):
     assert "not committed" in problem
 
 
-def test_prepare_clears_an_interrupted_write(tmp_path):
-    out = StageOutput(str(tmp_path), "demo", "fp1")
-    write_tree(out.prepare(), FILES)
-    assert StageOutput(str(tmp_path), "demo", "fp1").prepare() == Path(out.url)
-    assert list(Path(out.url).iterdir()) == []
+def test_a_killed_runs_staging_folder_is_left_alone(tmp_path):
+    killed = StageOutput(str(tmp_path), "demo", "fp1")
+    write_tree(killed.prepare(), FILES)  # ...and the run dies here
+    again = StageOutput(str(tmp_path), "demo", "fp1")
+    assert again.prepare() != killed.path  # a staging folder of its own
+    write_tree(again.path, FILES)
+    artifact = again.commit({"rows": 3}, {})
+
+    assert artifact.url == str(tmp_path / "demo" / "fp1") and artifacts.verify(artifact.url) == []
+    assert sorted(p.relative_to(killed.path).as_posix() for p in killed.path.rglob("*") if p.is_file()) == sorted(FILES)
+    assert not again.path.exists()  # its own staging became the output
 
 
-def test_materialize_replaces_an_uncommitted_folder(tmp_path):
+def test_a_folder_without_a_manifest_at_the_outputs_place_is_refused_not_deleted(tmp_path):
     cfg = tiny_ingest_config(tmp_path)
     workdir = tmp_path / "runs"
     fp = stages.compute_fingerprint("ingest", cfg, {})
-    leftover = workdir / "ingest" / fp
-    leftover.mkdir(parents=True)
-    (leftover / "junk").write_text("half-written by a crashed run")
-    messages = []
+    squatter = workdir / "ingest" / fp
+    squatter.mkdir(parents=True)
+    (squatter / "junk").write_text("made by hand, or by an older tunepipe")
 
-    result = stages.materialize("ingest", cfg, {}, str(workdir), log=messages.append)
-
-    assert (result.status, result.fingerprint, Path(result.output)) == ("ran", fp, leftover)
-    assert not (leftover / "junk").exists()
-    assert set(json.loads((leftover / MANIFEST).read_text())["files"]) == {"rejects.jsonl", "shards/part-00000-00000.parquet"}
-    assert artifacts.verify(str(leftover)) == []
-    assert result.stats["rows_out"] == 5
-    assert any("uncommitted" in m for m in messages)
+    with pytest.raises(artifacts.ArtifactError, match=f"{squatter} exists but holds no manifest.json.*Nothing was deleted"):
+        stages.materialize("ingest", cfg, {}, str(workdir), log=quiet)
+    assert (squatter / "junk").read_text() == "made by hand, or by an older tunepipe"
+    assert [p.name for p in (workdir / "ingest").iterdir()] == [fp]  # its own staging folder went away
 
 
-def test_remote_commit_uploads_manifest_last_and_leaves_no_staging(tmp_path, monkeypatch):
-    """memory:// stands in for an object store: no rename, so the manifest must come last."""
+def test_two_runs_committing_one_output_at_once_leave_one_whole_output(tmp_path):
+    first, second = StageOutput(str(tmp_path), "demo", "fp1"), StageOutput(str(tmp_path), "demo", "fp1")
+    write_tree(first.prepare(), FILES)
+    write_tree(second.prepare(), {**FILES, "a.txt": b"second"})
+    won = first.commit({"by": "first"}, {})
+    lost = second.commit({"by": "second"}, {})
+
+    assert won == lost == artifacts.load_committed(str(tmp_path / "demo" / "fp1"))
+    assert won.stats == {"by": "first"} and (tmp_path / "demo" / "fp1" / "a.txt").read_bytes() == FILES["a.txt"]
+    assert [p.name for p in (tmp_path / "demo").iterdir()] == ["fp1"]  # the loser removed only its own staging
+
+
+def test_remote_commit_uploads_then_creates_the_manifest_and_leaves_no_staging(tmp_path, monkeypatch):
+    """memory:// stands in for an object store: no rename, so the files go to an upload folder of
+    their own and the manifest naming it is created last, only if none exists."""
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
@@ -134,7 +148,7 @@ def test_remote_commit_uploads_manifest_last_and_leaves_no_staging(tmp_path, mon
     order = []
     put_file, pipe_file = fs.put_file, fs.pipe_file
     monkeypatch.setattr(fs, "put_file", lambda lpath, rpath, **kw: order.append(rpath) or put_file(lpath, rpath, **kw))
-    monkeypatch.setattr(fs, "pipe_file", lambda path, value, **kw: order.append(path) or pipe_file(path, value, **kw))
+    monkeypatch.setattr(fs, "pipe_file", lambda path, value, **kw: order.append((path, kw.get("mode"))) or pipe_file(path, value, **kw))
 
     assert StageOutput(root, "demo", "fp1").committed() is None
     assert list((tmp_path / "tmp").iterdir()) == []  # checking for a cached output stages nothing
@@ -142,9 +156,18 @@ def test_remote_commit_uploads_manifest_last_and_leaves_no_staging(tmp_path, mon
     write_tree(out.prepare(), FILES)
     artifact = out.commit({"rows": 3}, {})
 
-    assert [p.rsplit("/fp1/", 1)[1] for p in order] == [*sorted(FILES), MANIFEST]
+    manifest = json.loads(fs.cat_file(f"{artifact.url}/{MANIFEST}"))
+    uploads = [p.rsplit("/fp1/", 1)[1] for p in order[:-1]]
+    assert uploads == [f"{manifest['root']}/{rel}" for rel in sorted(FILES)]
+    assert order[-1] == (artifact.url.replace("memory://", "/") + f"/{MANIFEST}", "create")
     assert artifacts.verify(artifact.url) == []
     assert list((tmp_path / "tmp").iterdir()) == []  # the staging folder is gone after the upload
+
+    late = StageOutput(root, "demo", "fp1")  # a second writer of the same output: it loses, cleanly
+    write_tree(late.prepare(), {**FILES, "a.txt": b"late"})
+    assert late.commit({"rows": 4}, {}).stats == {"rows": 3}
+    assert fs.find(artifact.url.replace("memory://", "/")) == sorted([f"{artifact.url.replace('memory://', '/')}/{MANIFEST}",
+        *(f"{artifact.url.replace('memory://', '/')}/{manifest['root']}/{rel}" for rel in FILES)])
 
 
 # ---------------------------------------------------------------- fingerprints
@@ -199,9 +222,9 @@ def test_s3_commit_verify_and_download(tmp_path, s3_bucket, monkeypatch):
     assert artifacts.verify(str(local)) == []
 
     fs = fsspec.filesystem("s3")
-    fs.pipe_file(f"{s3_bucket}/work/demo/fp1/a.txt", b"alphA\n")
-    fs.rm_file(f"{s3_bucket}/work/demo/fp1/sub/deeper/c.json")
-    fs.pipe_file(f"{s3_bucket}/work/demo/fp1/extra.txt", b"x")
+    fs.pipe_file(artifacts.file_url(artifact.url, "a.txt"), b"alphA\n")
+    fs.rm_file(artifacts.file_url(artifact.url, "sub/deeper/c.json"))
+    fs.pipe_file(artifacts.file_url(artifact.url, "extra.txt"), b"x")  # among its files
     assert artifacts.verify(artifact.url) == ["a.txt: sha256 mismatch", "sub/deeper/c.json: missing", "extra.txt: not in manifest"]
     assert artifact.local_path() == local  # the verified download is reused
     assert (local / "a.txt").read_bytes() == b"alpha\n"
@@ -213,7 +236,7 @@ def test_s3_download_refuses_a_corrupt_file(tmp_path, s3_bucket, monkeypatch):
     out = StageOutput(f"s3://{s3_bucket}/work", "demo", "fp1")
     write_tree(out.prepare(), FILES)
     artifact = out.commit({}, {})
-    fsspec.filesystem("s3").pipe_file(f"{s3_bucket}/work/demo/fp1/sub/b.bin", b"corrupt")
+    fsspec.filesystem("s3").pipe_file(artifacts.file_url(artifact.url, "sub/b.bin"), b"corrupt")
 
     with pytest.raises(artifacts.ArtifactError, match="sub/b.bin: sha256 does not match"):
         artifact.local_path()
@@ -250,8 +273,8 @@ def test_s3_workdir_gives_the_same_bytes_as_a_local_one(tmp_path, s3_bucket):
     assert artifacts.verify(remote.output) == []
     fs = fsspec.filesystem("s3")
     shard = "shards/part-00000-00000.parquet"
-    assert fs.cat_file(f"{remote.output}/{shard}") == (Path(local.output) / shard).read_bytes()
-    assert fs.cat_file(f"{remote.output}/rejects.jsonl") == (Path(local.output) / "rejects.jsonl").read_bytes()
+    assert fs.cat_file(artifacts.file_url(remote.output, shard)) == (Path(local.output) / shard).read_bytes()
+    assert fs.cat_file(artifacts.file_url(remote.output, "rejects.jsonl")) == (Path(local.output) / "rejects.jsonl").read_bytes()
     assert remote.stats == local.stats and remote.stats["rows_out"] == 50
 
     again = stages.materialize("ingest", cfg, {}, f"s3://{s3_bucket}/work", log=quiet)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tiny import QUICKSTART, REPO, cli_args, cli_command, tiny_overrides
 
-from pipeline import stages
+from pipeline import artifacts, stages
 from pipeline.artifacts import MANIFEST, VERIFY_ENV, ArtifactError
 from pipeline.config import load_config
 from pipeline.stages import StageFailed
@@ -77,3 +77,19 @@ def test_the_command_line_says_it_in_one_line(tmp_path):
     assert done.stderr.strip().splitlines() == [
         f"tunepipe: ingest stage failed: {shard}: 11 bytes, the manifest says {recorded:,}; "
         f"the output at {shard.parents[1]} was changed after it was committed; delete that folder to rebuild it"]
+
+
+@pytest.mark.integration
+def test_two_runs_of_one_config_at_once_both_finish_and_leave_one_output_per_stage(tmp_path):
+    """Before, the second run deleted the first one's unfinished output as 'uncommitted'."""
+    workdir, registry = tmp_path / "runs", tmp_path / "registry"
+    command = cli_command(*cli_args("stage", workdir, registry, "tokenize"))
+    runs = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [run.communicate(timeout=600) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outs]
+
+    summaries = [json.loads(Path(out.strip().splitlines()[-1]).read_text()) for out, _ in outs]
+    assert [s["output"] for s in summaries[0]["stages"]] == [s["output"] for s in summaries[1]["stages"]]
+    for stage in ("ingest", "sample", "preprocess", "tokenize"):
+        assert [p.name for p in (workdir / stage).iterdir()] == [next(s["fingerprint"] for s in summaries[0]["stages"] if s["name"] == stage)]
+        assert artifacts.verify(str(next((workdir / stage).iterdir()))) == []

@@ -17,12 +17,10 @@ failing); a folder it did not create is never deleted. Works on a local folder o
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -96,68 +94,24 @@ def _committed_manifest(url: str) -> dict | None:
         return None
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _commit_local(local: Path, final: Path, manifest: dict) -> bool:
-    """Stage beside the version, then rename onto it; False when another publisher got there first."""
+    """Copy into a staging folder beside the version, then rename it onto the version."""
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.parent / f".staging-{final.name}-{uuid.uuid4().hex}"
     try:
         shutil.copytree(local, staging)
-        artifacts.commit_folder(staging, str(staging), manifest)
-        for path in sorted(staging.rglob("*"), reverse=True):  # files, then their folders: durable before visible
-            _fsync(path)
-        _fsync(staging)
-        try:
-            os.rename(staging, final)
-        except OSError as e:
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-            if not (final / MANIFEST).exists():
-                raise RegistryError(
-                    f"{final} exists but holds no {MANIFEST}: not a committed version (left by an older "
-                    "tunepipe, or by hand). Nothing was deleted; remove it yourself or publish another version"
-                ) from None
-            return False
-        _fsync(final.parent)
-        return True
+        return artifacts.commit_staged(staging, final, manifest)
+    except ArtifactError as e:
+        raise RegistryError(str(e)) from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)  # ours; gone already after a successful rename
+        shutil.rmtree(staging, ignore_errors=True)  # ours; gone already after a won rename
 
 
 def _commit_remote(local: Path, url: str, manifest: dict) -> bool:
-    """Upload under a name of our own, then create the manifest only if none exists."""
-    fs, path = artifacts.filesystem(url)
-    root = f".uploads/{uuid.uuid4().hex}"
-    upload = artifacts.join(path, root)
-    committed = False
     try:
-        files = {}
-        for rel in artifacts.list_files(local):
-            files[rel] = {"sha256": artifacts.sha256_file(local / rel), "bytes": (local / rel).stat().st_size}
-            fs.put_file(str(local / rel), artifacts.join(upload, rel))
-        full = {**manifest, "root": root, "files": files, "created_unix": round(time.time(), 3)}
-        text = json.dumps(full, indent=2, sort_keys=True, default=str)
-        try:
-            fs.pipe_file(artifacts.join(path, MANIFEST), text.encode(), mode="create")
-        except (FileExistsError, OSError) as e:
-            if _committed_manifest(url) is None:  # not a lost race: a real error
-                raise RegistryError(f"could not commit {url}/{MANIFEST}: {e}") from e
-            return False
-        committed = True
-        return True
-    finally:
-        if not committed:
-            try:
-                fs.rm(upload, recursive=True)  # ours, and nobody will ever reference it
-            except FileNotFoundError:
-                pass
+        return artifacts.commit_upload(local, url, manifest)
+    except ArtifactError as e:
+        raise RegistryError(str(e)) from None
 
 
 def list_versions(registry: str) -> list[dict[str, Any]]:

@@ -95,9 +95,11 @@ def newest_complete_checkpoint(root: str | Path) -> Path | None:
 def problems(folder: Path) -> list[str]:
     """What is wrong with a complete checkpoint's files against the sha256s in its marker ([] if nothing)."""
     try:
-        recorded = json.loads((folder / MARKER).read_text()).get("files", {})  # none in markers before sha256s
-    except (OSError, ValueError, AttributeError) as e:
-        return [f"{folder / MARKER}: unreadable ({e})"]
+        recorded = json.loads((folder / MARKER).read_text())["files"]
+        if not isinstance(recorded, dict) or not recorded:
+            raise ValueError("it lists no files")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"{folder / MARKER}: unreadable ({type(e).__name__}: {e})"]
     found = []
     for rel, digest in recorded.items():
         path = folder / rel
@@ -111,11 +113,15 @@ def problems(folder: Path) -> list[str]:
 def newest_loadable_checkpoint(root: str | Path, log: Callable[[str], None] = print) -> Path | None:
     """The newest complete checkpoint whose files match their recorded sha256s; each newer one that
     does not is named, with what is wrong, and passed over (it is left on disk for a look)."""
+    passed_over = 0
     for folder in reversed(complete_checkpoints(root)):
         wrong = problems(folder)
         if not wrong:
             return folder
-        log(f"checkpoint {folder} is corrupt ({'; '.join(wrong[:3])}); resuming from the one before it")
+        passed_over += 1
+        log(f"checkpoint {folder} is corrupt ({'; '.join(wrong[:3])}); trying the one before it")
+    if passed_over:
+        log(f"no intact checkpoint in {root}: training starts again from step 0")
     return None
 
 

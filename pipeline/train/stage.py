@@ -7,11 +7,9 @@ to the stage's scratch folder, which outlives a crash, so rerunning resumes.
 
 from __future__ import annotations
 
-import ctypes
 import importlib.metadata
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -47,12 +45,25 @@ def torchrun_command(nproc_per_node: int, train_args: list[str]) -> list[str]:
     ]
 
 
-def _die_with_parent() -> None:
-    # If the orchestrator is killed (even with SIGKILL), torchrun gets SIGTERM and stops its
-    # workers, so an orphaned job never keeps writing checkpoints beside the rerun.
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    PR_SET_PDEATHSIG = 1
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+# Runs `python -m ...` once it has asked for SIGTERM when this orchestrator dies (even by SIGKILL):
+# torchrun then stops its workers, which die with torchrun themselves (parallel/dist.py), so an
+# orphaned job never keeps writing checkpoints beside the rerun. Armed in the child, not through
+# Popen's preexec_fn, which is unsafe in a process with threads (Prefect runs some); the parent's
+# pid is checked after arming, in case it died first.
+_BOUND_TO_PARENT = (
+    "import ctypes, os, runpy, signal, sys\n"
+    "ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]): os._exit(1)\n"
+    "module, sys.argv = sys.argv[3], [sys.argv[3], *sys.argv[4:]]\n"
+    "runpy.run_module(module, run_name='__main__', alter_sys=True)\n"
+)
+
+
+def bound_to_this_process(command: list[str]) -> list[str]:
+    """`command` (python -m MODULE ...) made to end with this process, on Linux."""
+    if not sys.platform.startswith("linux") or command[1:2] != ["-m"]:
+        return command
+    return [command[0], "-c", _BOUND_TO_PARENT, str(os.getpid()), *command[1:]]
 
 
 def preflight(model: ModelConfig, train: TrainConfig) -> list[str]:
@@ -106,8 +117,7 @@ def run(model: ModelConfig, train: TrainConfig, *, inputs: dict[str, Path], out:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if sys.stdout.isatty():
         env["TUNEPIPE_PROGRESS"] = "1"  # the job's stderr is a pipe; tell it a person is watching
-    preexec = _die_with_parent if sys.platform.startswith("linux") else None
-    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=preexec) as proc:
+    with subprocess.Popen(bound_to_this_process(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
         tail = _relay(proc)
         code = proc.wait()
     if code != 0:

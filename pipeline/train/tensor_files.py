@@ -36,12 +36,20 @@ def save_tensors(obj: Any, path: Path) -> None:
 
 
 def disk_full(error: BaseException, path: Path) -> CheckpointDiskFull | None:
-    """The error to raise instead of `error` when it was the disk filling up while writing `path`."""
-    free = shutil.disk_usage(path if path.is_dir() else path.parent).free
-    if getattr(error, "errno", None) != errno.ENOSPC and free >= 1 << 20:
+    """The error to raise instead of `error` when it was the disk (or a quota) filling up while
+    writing `path`: ENOSPC / EDQUOT, or torch's bare RuntimeError with under 1 MiB left."""
+    code = getattr(error, "errno", None)
+    try:
+        free = shutil.disk_usage(path if path.is_dir() else path.parent).free
+    except OSError:
+        free = None
+    # torch.save reports ENOSPC as a bare RuntimeError ("iostream error", "unexpected pos"): read
+    # a RuntimeError as disk full only when the disk is in fact (nearly) full.
+    if code not in (errno.ENOSPC, errno.EDQUOT) and not (isinstance(error, RuntimeError) and free is not None and free < 1 << 20):
         return None
+    left = f"{free:,} bytes free" if free is not None else "free space unknown"
     return CheckpointDiskFull(errno.ENOSPC, f"no space left on the device while writing checkpoint file {path} "
-                              f"({free:,} bytes free); free some space and rerun to resume")
+                              f"({left}); free some space and rerun to resume")
 
 
 def load_tensors(path: Path, map_location: Any = "cpu") -> Any:
