@@ -41,7 +41,7 @@ def test_train_by_hand_with_torchrun_resumes_from_its_checkpoints(tmp_path):
                       "train: {max_steps: 6, save_every_steps: 3, micro_batch_size: 2, warmup_steps: 2, min_lr_ratio: 1}\n")
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "pipeline.train"]
     run_ok([*torchrun, *trainer_args(tokenized, tmp_path / "resumed", config=config)], timeout=300)
-    assert sorted(p.name for p in (tmp_path / "resumed" / "ckpt").iterdir()) == ["step_00000003", "step_00000006"]
+    assert sorted(p.name for p in (tmp_path / "resumed" / "ckpt").glob("step_*")) == ["step_00000003", "step_00000006"]
 
     again = run_ok([*torchrun, *trainer_args(tokenized, tmp_path / "resumed", "train.max_steps=9", config=config)], timeout=300)
     assert "resuming from" in again.stdout and "step 6" in again.stdout
@@ -53,5 +53,6 @@ def test_train_by_hand_with_torchrun_resumes_from_its_checkpoints(tmp_path):
     assert train_losses(resumed_out) == train_losses(straight_out) and len(train_losses(resumed_out)) == 9
     stats = [json.loads((out / "train_stats.json").read_text()) for out in (resumed_out, straight_out)]
     assert [(s["resumed_from_step"], s["steps"]) for s in stats] == [(6, 9), (0, 9)]
-    assert sorted(p.name for p in (tmp_path / "resumed" / "ckpt").iterdir()) == ["step_00000006", "step_00000009"]
+    assert sorted(p.name for p in (tmp_path / "resumed" / "ckpt").glob("step_*")) == ["step_00000006", "step_00000009"]
+    assert sorted(p.name for p in (tmp_path / "resumed" / "ckpt").iterdir() if not p.name.startswith("step_")) == [".lock"]
 
