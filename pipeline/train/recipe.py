@@ -31,6 +31,7 @@ import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -105,6 +106,8 @@ class Run:
     flops_token: float
     lengths: bytes | None
     """Row lengths as int64 bytes when batches group by length: the data order's cache key, made once."""
+    schedule: Callable[[int], float]
+    """Step -> learning-rate multiplier (warmup, then cosine)."""
 
     @property
     def global_batch(self) -> int:
@@ -149,7 +152,7 @@ def setup(cfg: PipelineConfig, tokenized: Path, info: DistInfo) -> Run:
     lengths = getattr(train_rows, "lengths", None) if tcfg.group_by_length else None
     lengths = None if lengths is None else np.ascontiguousarray(lengths, dtype=np.int64).tobytes()
     return Run(cfg, info, task, method, model_meta, train_rows, validation_rows, replica, only_targets,
-               trainable, total, flops_token, lengths)
+               trainable, total, flops_token, lengths, lr_multiplier(tcfg))
 
 
 def resume(run: Run, ckpt_root: Path) -> TrainState:
@@ -209,14 +212,14 @@ def train_step(run: Run, state: TrainState, ckpt_root: Path) -> StepResult:
             replica.backward(target_loss * scale, last)
         loss_sum += target_loss.detach().double().cpu()
     loss = all_reduce_sum(loss_sum, info).item() / max(1.0, global_targets)
-    newest = f"Newest complete checkpoint: {newest_complete_checkpoint(ckpt_root) or 'none'} (untouched)."
+    newest = lambda: f"Newest complete checkpoint: {newest_complete_checkpoint(ckpt_root) or 'none'} (untouched)."  # noqa: E731
     if not math.isfinite(loss):
-        raise NonFiniteLoss(f"step {state.step + 1}: loss is {loss}; stopped before the optimizer step. {newest} "
+        raise NonFiniteLoss(f"step {state.step + 1}: loss is {loss}; stopped before the optimizer step. {newest()} "
                             "Lower train.lr, raise train.warmup_steps or use fp32/bf16 instead of fp16.")
-    multiplier = lr_multiplier(tcfg)(state.step)
+    multiplier = run.schedule(state.step)
     grad_norm = replica.step(multiplier)
     if not math.isfinite(grad_norm) and not replica.handles_overflow:
-        raise NonFiniteLoss(f"step {state.step + 1}: gradient norm is {grad_norm}; stopped before saving. {newest} "
+        raise NonFiniteLoss(f"step {state.step + 1}: gradient norm is {grad_norm}; stopped before saving. {newest()} "
                             "Lower train.lr or train.max_grad_norm.")
     return StepResult(loss, grad_norm, tcfg.lr * multiplier, global_real, my_samples)
 
