@@ -21,6 +21,7 @@ same sample of the data stream, even with a different number of processes (DDP).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -77,6 +78,24 @@ def autocast_context(cfg: TrainConfig, device: torch.device):
     if device.type == "cpu" and cfg.precision == "bf16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext()
+
+
+def keep_freed_memory_for_reuse() -> None:
+    """Pin glibc's malloc thresholds: blocks up to 64 MiB come from the heap, and freed memory is
+    kept for reuse (trimmed only beyond 256 MiB).
+
+    By default glibc serves big blocks (activations, gradients) with mmap and returns them to the
+    OS when freed, under a threshold that moves with the allocation history, so the same loop
+    can page-fault every step's tensors in afresh: 15,000 faults a step against 2,900 here, 12 %
+    slower on 2 cores, depending only on what ran before the loop. Linux/glibc only; elsewhere
+    (or with another allocator preloaded) this does nothing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 64 << 20)
+    libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -293,6 +312,7 @@ def run_stats(run: Run, state: TrainState, start_step: int, tokens: int, seconds
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory_for_reuse()  # before the model and the first batch are allocated
     args = parse_args(argv)
     cfg = load_config(args.config, args.set)
     info = init_distributed()
