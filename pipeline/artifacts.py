@@ -320,7 +320,8 @@ def file_entries(local: Path, mtimes: bool = False) -> dict[str, dict[str, Any]]
     return files
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') bytes to the device."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -336,8 +337,8 @@ def commit_staged(staging: Path, final: Path, manifest: dict[str, Any], mtimes: 
     manifest = {**manifest, "created_unix": round(time.time(), 3), "files": file_entries(staging, mtimes)}
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
     for path in sorted(staging.rglob("*"), reverse=True):  # files, then their folders: durable before visible
-        _fsync(path)
-    _fsync(staging)
+        fsync(path)
+    fsync(staging)
     try:
         os.rename(staging, final)
     except OSError as e:
@@ -349,7 +350,7 @@ def commit_staged(staging: Path, final: Path, manifest: dict[str, Any], mtimes: 
                 "or made by hand). Nothing was deleted; remove it yourself to let it be written"
             ) from None
         return False
-    _fsync(final.parent)
+    fsync(final.parent)
     return True
 
 

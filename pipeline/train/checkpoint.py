@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from pipeline.train.parallel.dist import DistInfo, barrier
-from pipeline.train.tensor_files import disk_full, fsync, load_tensors, save_tensors, sha256_of
+from pipeline.artifacts import fsync, sha256_file
+from pipeline.train.tensor_files import disk_full, load_tensors, save_tensors
 
 MARKER = "COMPLETE"
 _PREFIX = "step_"
@@ -105,7 +106,7 @@ def problems(folder: Path) -> list[str]:
         path = folder / rel
         if ".." in Path(rel).parts or not path.is_file():
             found.append(f"{path}: missing")
-        elif sha256_of(path) != digest:
+        elif sha256_file(path) != digest:
             found.append(f"{path}: sha256 does not match the one recorded at save time")
     return found
 
@@ -171,7 +172,7 @@ def save_checkpoint(root: str | Path, step: int, trainer_state: dict[str, Any], 
     barrier(info)
     if info.is_main:
         files = sorted(p for p in staging.rglob("*") if p.is_file())
-        digests = {p.relative_to(staging).as_posix(): sha256_of(p) for p in files}
+        digests = {p.relative_to(staging).as_posix(): sha256_file(p) for p in files}
         for path in [*files, *sorted({p.parent for p in files}, reverse=True)]:
             fsync(path)  # every byte durable before the marker says so
         shutil.rmtree(final, ignore_errors=True)  # an incomplete folder of the same step

@@ -8,13 +8,14 @@ full disk is named as one.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from pipeline.artifacts import fsync
 
 
 class CheckpointDiskFull(OSError):
@@ -54,19 +55,3 @@ def disk_full(error: BaseException, path: Path) -> CheckpointDiskFull | None:
 
 def load_tensors(path: Path, map_location: Any = "cpu") -> Any:
     return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
