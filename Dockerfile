@@ -35,19 +35,22 @@ RUN pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.
 
 WORKDIR /opt/tunepipe
 # README.m[d]: pyproject.toml names it as the long description, but the build need not fail without it.
-COPY pyproject.toml README.m[d] ./
+COPY pyproject.toml setup.py README.m[d] ./
 COPY pipeline ./pipeline
 COPY flows ./flows
+COPY deepspeed_configs ./deepspeed_configs
 # The check runs outside the source folder so that it imports the installed package, and fails
 # the build if anything replaced the CUDA torch.
-RUN pip install . \
+# The gpu extra: bitsandbytes, for QLoRA's 4-bit bases.
+RUN pip install ".[gpu]" \
     && cd / && tunepipe --help > /dev/null \
+    && python -c "from pipeline.train.parallel.zero_config import config_path; [config_path(n) for n in ('zero1', 'zero2', 'zero3', 'zero3_offload')]" \
     && python -c "import torch; assert torch.__version__ == '${TORCH_VERSION}+${TORCH_CUDA}', torch.__version__"
 
-# Presets and DeepSpeed configs are referred to by paths relative to the working directory.
+# The example presets are referred to by paths relative to the working directory; the DeepSpeed
+# presets ship inside the package (train.deepspeed_config: zero2 resolves anywhere).
 WORKDIR /workspace
 COPY examples ./examples
-COPY deepspeed_configs ./deepspeed_configs
 
 ENTRYPOINT ["tunepipe"]
 CMD ["--help"]

@@ -3,6 +3,7 @@
     tunepipe run examples/quickstart.yaml --set train.max_steps=100
     tunepipe stage ingest examples/quickstart.yaml --workdir runs
     tunepipe registry list --registry registry
+    tunepipe slurm script examples/quickstart.yaml --set train.nnodes=2 > train.sbatch
     tunepipe config --keys
 """
 
@@ -27,6 +28,9 @@ EPILOG = """examples:
   tunepipe registry list --registry registry
   tunepipe registry pull quickstart-gpt2 <version> ./model-copy
   tunepipe registry push runs/by-hand/model my-model v1      # a folder made anywhere, as a version
+  tunepipe run examples/quickstart.yaml --set train.launcher=slurm --set train.nnodes=2   # train as a Slurm job
+  tunepipe slurm script examples/quickstart.yaml --set train.nnodes=2 > train.sbatch     # the same job, by hand
+  tunepipe k8s manifest examples/quickstart.yaml --workdir s3://bucket/runs | kubectl apply -f -
   tunepipe config --keys                                     # every config key, default and meaning
 """
 
@@ -70,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("version")
         if name == "pull":
             p.add_argument("dest", help="a new (or empty) folder")
+
+    slurm = sub.add_parser("slurm", help="the sbatch script of the train stage, to submit by hand")
+    slurm_sub = slurm.add_subparsers(dest="slurm_command", required=True)
+    script = slurm_sub.add_parser("script", help="run the CPU stages (cached), then print the train job's sbatch script; "
+                                  "the job's model is adopted by the next `tunepipe run` of this config")
+    _add_config_args(script)
+    k8s = sub.add_parser("k8s", help="Kubernetes manifests for the train stage")
+    k8s_sub = k8s.add_subparsers(dest="k8s_command", required=True)
+    manifest = k8s_sub.add_parser("manifest", help="run the CPU stages (cached), then print what `kubectl apply -f -` takes "
+                                  "to train on train.nnodes pods (needs an s3:// --workdir)")
+    _add_config_args(manifest)
 
     config = sub.add_parser("config", help="print the resolved config, or every key with --keys")
     _add_config_args(config)
@@ -219,6 +234,20 @@ def cmd_registry(args) -> int:
     return 0
 
 
+def cmd_slurm(args, cfg: PipelineConfig) -> int:
+    from pipeline.cluster.commands import slurm_script_for
+
+    print(slurm_script_for(cfg, args.workdir), end="")
+    return 0
+
+
+def cmd_k8s(args, cfg: PipelineConfig) -> int:
+    from pipeline.cluster.commands import k8s_manifest_for
+
+    print(k8s_manifest_for(cfg, args.workdir), end="")
+    return 0
+
+
 def cmd_config(args, cfg: PipelineConfig) -> int:
     if args.keys:
         for key, default, doc in describe_fields():
@@ -234,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "registry":
         try:
             # Validate the whole config before any stage runs: a typo must not cost a training run.
-            cfg = load_config(args.config, args.set)
+            implied = {"slurm": ["train.launcher=slurm"], "k8s": ["train.launcher=kubernetes"]}.get(args.command, [])
+            cfg = load_config(args.config, [*implied, *args.set])
         except (ConfigError, OSError) as e:
             print(f"tunepipe: {e}", file=sys.stderr)
             return 2
@@ -248,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "registry":
             return cmd_registry(args)
-        return {"run": cmd_run, "stage": cmd_stage, "config": cmd_config}[args.command](args, cfg)
+        commands = {"run": cmd_run, "stage": cmd_stage, "config": cmd_config, "slurm": cmd_slurm, "k8s": cmd_k8s}
+        return commands[args.command](args, cfg)
     except Exception as e:
         if args.debug:
             raise

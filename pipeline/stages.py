@@ -55,6 +55,8 @@ class Stage:
     """The module has `content_fingerprint(*sections)`: bytes read from outside the pipeline."""
     has_external_output: bool = False
     """The module has `still_valid(artifact)`: its output also lives outside the workdir (the registry)."""
+    shared_scratch: bool = False
+    """`run` also takes `shared=`: scratch every node sees (in the workdir, even an s3:// one)."""
 
     def load(self):
         return importlib.import_module(self.module)
@@ -69,7 +71,8 @@ STAGES: dict[str, Stage] = {
         # content: the stop-word list's digest when it is used (it is data, found beside normalize.py).
         Stage("preprocess", "pipeline.data.preprocess", ("preprocess", "row_spec"), ("sample",), has_content=True),
         Stage("tokenize", "pipeline.data.tokenize", ("tokenize", "model", "row_spec"), ("preprocess",), has_content=True),
-        Stage("train", "pipeline.train.stage", ("model", "train"), ("tokenize",), has_content=True),
+        # slurm: where the job runs, never part of the fingerprint (config/cluster.py).
+        Stage("train", "pipeline.train.stage", ("model", "train", "slurm"), ("tokenize",), has_content=True, shared_scratch=True),
         Stage("evaluate", "pipeline.evaluate.stage", ("evaluate", "model"), ("preprocess", "tokenize", "train")),
         Stage("publish", "pipeline.registry.publish", ("registry", "evaluate"), ("tokenize", "train", "evaluate"), has_external_output=True),
     ]
@@ -131,9 +134,15 @@ def _content(stage: Stage, sections: list[Any]) -> Any:
 
 
 def scratch_dir(workdir: str, name: str, fp: str) -> Path:
-    """Local, non-artifact space that survives a crash (training checkpoints live here)."""
+    """Local, non-artifact space that survives a crash (a job's config, script and log live here)."""
     base = Path(workdir) if not artifacts.is_remote(workdir) else Path.home() / ".cache" / "tunepipe" / "scratch"
     return base / "scratch" / name / fp
+
+
+def shared_scratch(workdir: str, name: str, fp: str) -> str:
+    """Non-artifact space in the workdir itself, local or s3://: checkpoints and a cluster job's
+    model live here, where a job on any node (and a later run on any machine) finds them."""
+    return artifacts.join(workdir, "scratch", name, fp)
 
 
 def materialize(
@@ -156,7 +165,8 @@ def materialize(
     try:
         module = stage.load()
         inputs = {p: parents[p].local_path() for p in stage.parents}
-        stats = module.run(*_sections(stage, cfg), inputs=inputs, out=path, scratch=scratch_dir(workdir, name, fp))
+        shared = {"shared": shared_scratch(workdir, name, fp)} if stage.shared_scratch else {}
+        stats = module.run(*_sections(stage, cfg), inputs=inputs, out=path, scratch=scratch_dir(workdir, name, fp), **shared)
         # The fingerprint was taken before the run; if a data file or the stage's code changed
         # meanwhile, the output belongs to neither version. Hashes are cached by (size, mtime),
         # so this re-check costs a stat per file unless something did change.

@@ -1,7 +1,8 @@
-"""Shared fixtures: `one_thread` for tiny in-process models, and S3 through a real `moto_server`
-subprocess on a free port (shared helpers that are not fixtures are in tiny.py).
+"""Shared fixtures: `one_thread` for tiny in-process models, S3 through a real `moto_server`
+subprocess on a free port, and `slurm_cluster`, a real two-node Slurm cluster on loopback
+(tests/slurm_cluster.py; shared helpers that are not fixtures are in tiny.py).
 
-    python -m pytest -q -m integration      # the S3 tests (and the rest of the integration tier)
+    python -m pytest -q -m integration      # the S3 and Slurm tests (and the rest of the integration tier)
 
 The server is configured only through the standard AWS environment variables, exactly as a
 user's shell would configure a real bucket, so the code under test gets no test-only settings.
@@ -9,6 +10,7 @@ user's shell would configure a real bucket, so the code under test gets no test-
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -19,6 +21,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from slurm_cluster import slurm_available, start_cluster
 
 _STARTUP_SECONDS = 30
 # werkzeug prints the port it actually bound, which is how `-p 0` tells us the free port.
@@ -117,6 +120,24 @@ def s3_bucket(s3_endpoint):
     fs.mkdir(name)
     fs.invalidate_cache()
     yield name
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A running Slurm cluster (`slurm_cluster.SlurmCluster`): slurmctld plus slurmd n1 and n2 on
+    loopback, every file in one temporary folder. Pass `.env` (it holds SLURM_CONF) to whatever
+    calls sbatch/squeue/scontrol. Skipped where it cannot run (not root, packages missing),
+    except with TUNEPIPE_REQUIRE_SLURM=1 (CI), where that is a failure instead."""
+    reason = slurm_available()
+    if reason is not None:
+        if os.environ.get("TUNEPIPE_REQUIRE_SLURM") == "1":
+            pytest.fail(f"TUNEPIPE_REQUIRE_SLURM=1 but {reason}", pytrace=False)
+        pytest.skip(reason)
+    cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -154,7 +154,25 @@ def test_cadence_fields_are_not_fingerprinted():
     keys = set(TrainConfig().fingerprint_dict())
     assert keys.isdisjoint({"save_every_steps", "log_every_steps", "keep_last_checkpoints"})
     assert {"lr", "max_steps", "seed", "micro_batch_size"} <= keys
-    assert len(keys) == len(TrainConfig.model_fields) - 3
+    assert len(keys) == len(TrainConfig.model_fields) - len(TrainConfig.not_fingerprinted) + 1  # + world_size
+
+
+def test_where_a_run_trains_is_not_fingerprinted_but_its_world_size_is():
+    """2 nodes x 1 process trains the weights 1 node x 2 processes trains: one cache entry; the
+    launcher, rendezvous, checkpoint place and the slurm/kubernetes sections are not the model."""
+    def train_fp(*overrides):
+        return load_config(None, list(overrides)).fingerprint_section("train")
+
+    two_by_one = train_fp("train.nnodes=2", "train.nproc_per_node=1", "train.launcher=slurm", "train.rdzv_port=1234")
+    assert two_by_one == train_fp("train.nproc_per_node=2", "train.checkpoint_dir=s3://b/ckpt")
+    assert two_by_one != train_fp("train.nproc_per_node=1")
+    assert load_config(None, ["slurm.partition=gpu", "kubernetes.image=x"]).fingerprint_section("slurm") == {}
+
+
+def test_local_multi_node_needs_a_rendezvous_endpoint():
+    with pytest.raises(ConfigError, match="train.rdzv_endpoint"):
+        load_config(None, ["train.nnodes=2"])
+    assert load_config(None, ["train.nnodes=2", "train.rdzv_endpoint=10.0.0.1:29500"]).train.world_size == 2
 
 
 def test_train_fingerprint_ignores_cadence_but_follows_the_learning_rate():

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import model_validator
 
 from pipeline.config.base import Section
+from pipeline.config.cluster import KubernetesConfig, SlurmConfig
 from pipeline.config.data import DataConfig, PreprocessConfig, SampleConfig, TokenizeConfig
 from pipeline.config.publish import EvaluateConfig, RegistryConfig
 from pipeline.config.train import ModelConfig, TrainConfig
@@ -75,6 +76,8 @@ class PipelineConfig(Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()
+    slurm: SlurmConfig = SlurmConfig()
+    kubernetes: KubernetesConfig = KubernetesConfig()
 
     @model_validator(mode="after")
     def _train_options_agree(self) -> "PipelineConfig":
@@ -83,6 +86,9 @@ class PipelineConfig(Section):
             raise ValueError("train.early_stopping_patience needs train.eval_every_steps (how often to validate)")
         if t.early_stopping_metric == "accuracy" and self.task != "classification":
             raise ValueError(f"train.early_stopping_metric 'accuracy' needs task classification (task is {self.task!r})")
+        if t.launcher == "local" and t.nnodes > 1 and not t.rdzv_endpoint:
+            raise ValueError(f"train.nnodes is {t.nnodes} with train.launcher local: set train.rdzv_endpoint to node 0's "
+                             "HOST:PORT and start the run on every node, or use train.launcher slurm")
         return self
 
     @property
@@ -123,6 +129,14 @@ class PipelineConfig(Section):
             out["train.eval_batches"] = "train.eval_every_steps is not set (no validation during training)"
         if t.early_stopping_patience is None:
             out["train.early_stopping_metric"] = "train.early_stopping_patience is not set"
+        if t.launcher != "local" or t.nnodes == 1:
+            out["train.rdzv_endpoint"] = f"train.launcher is {t.launcher} (the job sets it)" if t.launcher != "local" else "train.nnodes is 1"
+        if t.launcher != "slurm":
+            for field in SlurmConfig.model_fields:
+                out[f"slurm.{field}"] = f"train.launcher is {t.launcher}"
+        if t.launcher != "kubernetes":
+            for field in KubernetesConfig.model_fields:
+                out[f"kubernetes.{field}"] = f"train.launcher is {t.launcher} (the section is read by `tunepipe k8s manifest`)"
         return out
 
     def fingerprint_section(self, name: str) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -31,7 +31,13 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
-    not_fingerprinted: ClassVar[frozenset[str]] = frozenset({"save_every_steps", "keep_last_checkpoints", "log_every_steps"})
+    # How and where a run trains, never what it trains: the node count and processes per node
+    # are hashed only as their product (`world_size`), so 2 nodes x 1 process shares its cache
+    # with 1 node x 2 processes (they train bit-identical weights).
+    not_fingerprinted: ClassVar[frozenset[str]] = frozenset({
+        "save_every_steps", "keep_last_checkpoints", "log_every_steps", "nnodes", "nproc_per_node",
+        "rdzv_endpoint", "rdzv_id", "rdzv_port", "launcher", "checkpoint_dir",
+    })
 
     seed: int = 0
     """Seed for initialisation, dropout and data order."""
@@ -111,4 +117,29 @@ class TrainConfig(Section):
     log_every_steps: int = Field(10, gt=0)
     """Log loss, learning rate and throughput every N steps."""
     nproc_per_node: int = Field(1, gt=0)
-    """Processes `torchrun` starts on this node (one per GPU; on CPU, gloo ranks)."""
+    """Processes `torchrun` starts on each node (one per GPU; on CPU, gloo ranks)."""
+    nnodes: int = Field(1, gt=0)
+    """Nodes the run trains on. World size = nnodes x nproc_per_node. With `launcher: local` and more
+    than one node, start the same run on every node with the same `rdzv_endpoint` (docs/clusters.md)."""
+    launcher: Literal["local", "slurm", "kubernetes"] = "local"
+    """`local`: torchrun on this machine; `slurm`: the train stage submits a batch job (the `slurm:`
+    section), follows it, and commits what it trained; `kubernetes`: the stage adopts the model
+    that the Job from `tunepipe k8s manifest` committed (docs/clusters.md)."""
+    rdzv_endpoint: str | None = None
+    """HOST:PORT of the rendezvous (node 0's address) when `launcher: local` and nnodes > 1.
+    Slurm and Kubernetes jobs set it themselves (their first node, port `rdzv_port`)."""
+    rdzv_id: str | None = None
+    """Rendezvous id shared by every node of one run; default: derived from the train stage's fingerprint."""
+    rdzv_port: int = Field(29500, gt=0, lt=65536)
+    """Port of the rendezvous on the first node, for Slurm and Kubernetes jobs."""
+    checkpoint_dir: str | None = None
+    """Where resumable checkpoints go: a folder every node sees, or a URL (s3://bucket/ckpt); a
+    run's checkpoints are kept under `<checkpoint_dir>/train/<fingerprint>/`. Default: the stage's
+    scratch beside the workdir (on S3 for an s3:// workdir), so a requeued job on any node resumes."""
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        return {**super().fingerprint_dict(), "world_size": self.world_size}

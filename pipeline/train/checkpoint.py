@@ -34,7 +34,7 @@ from pipeline.artifacts import fsync, sha256_file
 from pipeline.train.tensor_files import disk_full, load_tensors, save_tensors
 
 MARKER = "COMPLETE"
-_PREFIX = "step_"
+PREFIX = "step_"
 
 
 class CheckpointsInUse(RuntimeError):
@@ -76,21 +76,25 @@ def exclusive_checkpoints(root: Path, hold: bool) -> Iterator[None]:
             os.close(fd)
 
 
-def _step_dir(root: Path, step: int) -> Path:
-    return root / f"{_PREFIX}{step:08d}"
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"{PREFIX}{step:08d}"
 
 
 def complete_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.glob(f"{_PREFIX}*") if p.is_dir() and (p / MARKER).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
+    found = [p for p in root.glob(f"{PREFIX}*") if p.is_dir() and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 def newest_complete_checkpoint(root: str | Path) -> Path | None:
     found = complete_checkpoints(root)
     return found[-1] if found else None
+
+
+def step_of(folder: Path) -> int:
+    return int(Path(folder).name[len(PREFIX):])
 
 
 def problems(folder: Path) -> list[str]:
@@ -150,25 +154,31 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def write_parts(folder: Path, trainer_state: dict[str, Any], replica, info: DistInfo) -> None:
+    """This rank's part of a checkpoint: its RNG, what its replica writes, and (rank 0) the trainer state."""
+    save_tensors(rng_state(), folder / f"rng_rank{info.rank}.pt")
+    try:
+        replica.save(folder)  # DeepSpeed writes its shards itself: its ENOSPC reads "iostream error"
+    except (OSError, RuntimeError) as e:
+        full = disk_full(e, folder)
+        if full is None:
+            raise
+        raise full from e
+    if info.is_main:
+        save_tensors(trainer_state, folder / "trainer.pt")
+
+
 def save_checkpoint(root: str | Path, step: int, trainer_state: dict[str, Any], replica, info: DistInfo, keep_last: int) -> Path:
-    """Collective: every rank calls it. Rank 0 owns the folder; every rank writes its own part."""
+    """Collective: every rank calls it. Rank 0 owns the folder; every rank writes its own part.
+    `root` is one folder every rank sees (a shared filesystem across nodes)."""
     root = Path(root)
-    final = _step_dir(root, step)
+    final = step_dir(root, step)
     staging = root / f".tmp_{final.name}"
     if info.is_main:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     barrier(info)
-    save_tensors(rng_state(), staging / f"rng_rank{info.rank}.pt")
-    try:
-        replica.save(staging)  # DeepSpeed writes its shards itself: its ENOSPC reads "iostream error"
-    except (OSError, RuntimeError) as e:
-        full = disk_full(e, staging)
-        if full is None:
-            raise
-        raise full from e
-    if info.is_main:
-        save_tensors(trainer_state, staging / "trainer.pt")
+    write_parts(staging, trainer_state, replica, info)
     barrier(info)
     if info.is_main:
         files = sorted(p for p in staging.rglob("*") if p.is_file())
@@ -178,7 +188,7 @@ def save_checkpoint(root: str | Path, step: int, trainer_state: dict[str, Any], 
         shutil.rmtree(final, ignore_errors=True)  # an incomplete folder of the same step
         os.replace(staging, final)
         marker_tmp = final / (MARKER + ".tmp")
-        marker_tmp.write_text(json.dumps({"step": step, "world_size": info.world_size, "files": digests}))
+        marker_tmp.write_text(json.dumps(marker(step, info.world_size, digests)))
         fsync(marker_tmp)
         os.replace(marker_tmp, final / MARKER)
         fsync(final)
@@ -188,15 +198,19 @@ def save_checkpoint(root: str | Path, step: int, trainer_state: dict[str, Any], 
     return final
 
 
+def marker(step: int, world_size: int, digests: dict[str, str]) -> dict[str, Any]:
+    return {"step": step, "world_size": world_size, "files": digests}
+
+
 def _prune(root: Path, keep_last: int) -> None:
     complete = complete_checkpoints(root)
     for old in complete[: max(0, len(complete) - keep_last)]:
         shutil.rmtree(old, ignore_errors=True)
     keep = set(complete[-keep_last:])
-    for partial in root.glob(f"{_PREFIX}*"):
+    for partial in root.glob(f"{PREFIX}*"):
         if partial not in keep and not (partial / MARKER).exists():
             shutil.rmtree(partial, ignore_errors=True)
-    for staging in root.glob(f".tmp_{_PREFIX}*"):
+    for staging in root.glob(f".tmp_{PREFIX}*"):
         shutil.rmtree(staging, ignore_errors=True)
 
 

@@ -9,13 +9,15 @@ it alone or under torchrun; the pipeline's train stage (train/stage.py) launches
         --tokenized runs/tokenize/<fingerprint> --config examples/quickstart.yaml \
         --output /tmp/model-out --checkpoints /tmp/ckpt [--set train.lr=3e-4]
 
-On several nodes, run on each (node_rank 0 .. N-1; HOST:PORT is node 0's address):
+On several nodes, run on each (HOST:PORT is node 0's address; docs/clusters.md):
 
-    torchrun --nnodes N --node_rank R --nproc_per_node G --rdzv_backend c10d \
-        --rdzv_endpoint HOST:PORT -m pipeline.train --tokenized ... (same arguments on every node)
+    torchrun --nnodes N --nproc_per_node G --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
+        --rdzv_id RUN -m pipeline.train --tokenized ... --commit-output (same arguments on every node)
 
 Rerunning the same command resumes from the newest complete checkpoint in --checkpoints, at the
-same sample of the data stream, even with a different number of processes (DDP).
+same sample of the data stream, even with a different number of processes (DDP). SIGUSR1 or
+SIGTERM (a cluster's preemption or time-limit warning) stops every rank at the next step
+boundary with a checkpoint (train/preemption.py).
 """
 
 from __future__ import annotations
@@ -40,16 +42,16 @@ import torch
 from pipeline.config import PipelineConfig, TrainConfig, load_config
 from pipeline.data.loader import held_out_batches, micro_batch_ids, open_split, sample_ids
 from pipeline.train import cpu_dropout, objectives
-from pipeline.train.checkpoint import (
-    checkpoint_world_size, exclusive_checkpoints, load_checkpoint, newest_complete_checkpoint, newest_loadable_checkpoint,
-    save_checkpoint,
-)
+from pipeline.train.checkpoint import checkpoint_world_size, load_checkpoint
+from pipeline.train.checkpoint_stores import open_checkpoints
+from pipeline.train.job_output import JobOutput, local_input
 from pipeline.train.methods import Method, method_for, save_trained, unwrap
 from pipeline.train.modeling import build_model, count_parameters
 from pipeline.train.observe import Monitor, flops_per_token, peak_flops, peak_memory_bytes
 from pipeline.train.parallel.dist import DistInfo, all_gather_floats, all_reduce_sum, barrier, cleanup, init_distributed
 from pipeline.train.parallel.optim import lr_multiplier
 from pipeline.train.parallel.replica import Replica, wrap_model
+from pipeline.train.preemption import STOPPED_EXIT_CODE, StopRequests, announce_stop
 from pipeline.train.state import TrainState
 
 
@@ -62,8 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenized", required=True, help="committed tokenize output folder (has meta.json, train/, tokenizer/)")
     p.add_argument("--config", help="pipeline YAML/JSON; its model and train sections are used")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=3e-4")
-    p.add_argument("--output", required=True, help="folder for the final model, tokenizer and train log")
-    p.add_argument("--checkpoints", required=True, help="folder for resumable checkpoints")
+    p.add_argument("--output", required=True, help="folder (or, with --commit-output, URL) for the final model, tokenizer and train log")
+    p.add_argument("--commit-output", action="store_true", help="write OUTPUT as a committed folder (manifest with sha256s, written last) for the train stage to adopt: cluster jobs")
+    p.add_argument("--checkpoints", required=True, help="folder every rank sees, or a URL (s3://...), for resumable checkpoints")
     p.add_argument("--log-samples", action="store_true", help="write the global sample indices each rank trains on to OUTPUT/samples/rank<R>.jsonl")
     return p.parse_args(argv)
 
@@ -174,9 +177,10 @@ def setup(cfg: PipelineConfig, tokenized: Path, info: DistInfo) -> Run:
                trainable, total, flops_token, lengths, lr_multiplier(tcfg))
 
 
-def resume(run: Run, ckpt_root: Path) -> TrainState:
-    """The state of the newest complete checkpoint (model and optimizer restored into the replica), or a fresh one."""
-    folder = newest_loadable_checkpoint(ckpt_root, log=print if run.info.is_main else lambda _: None)
+def resume(run: Run, checkpoints) -> TrainState:
+    """The state of the newest complete checkpoint (model and optimizer restored into the replica), or a fresh one.
+    Rank 0 chooses it and every rank loads that one (checkpoint_stores.py)."""
+    folder = checkpoints.choose(run.info, log=print if run.info.is_main else lambda _: None)
     if folder is None:
         return TrainState()
     state = TrainState.from_dict(load_checkpoint(folder, run.replica, run.info))
@@ -201,7 +205,7 @@ class StepResult:
     """Global sample indices this rank trained on."""
 
 
-def train_step(run: Run, state: TrainState, ckpt_root: Path) -> StepResult:
+def train_step(run: Run, state: TrainState, checkpoints) -> StepResult:
     """One optimizer step on the next global batch of the stream; the caller advances `state`."""
     tcfg, info, task, rows, replica = run.cfg.train, run.info, run.task, run.train_rows, run.replica
     torch.manual_seed(step_seed(tcfg.seed, state.step, info.rank))
@@ -231,7 +235,7 @@ def train_step(run: Run, state: TrainState, ckpt_root: Path) -> StepResult:
             replica.backward(target_loss * scale, last)
         loss_sum += target_loss.detach().double().cpu()
     loss = all_reduce_sum(loss_sum, info).item() / max(1.0, global_targets)
-    newest = lambda: f"Newest complete checkpoint: {newest_complete_checkpoint(ckpt_root) or 'none'} (untouched)."  # noqa: E731
+    newest = lambda: f"Newest complete checkpoint: {checkpoints.newest()} (untouched)."  # noqa: E731
     if not math.isfinite(loss):
         raise NonFiniteLoss(f"step {state.step + 1}: loss is {loss}; stopped before the optimizer step. {newest()} "
                             "Lower train.lr, raise train.warmup_steps or use fp32/bf16 instead of fp16.")
@@ -315,24 +319,29 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory_for_reuse()  # before the model and the first batch are allocated
     args = parse_args(argv)
     cfg = load_config(args.config, args.set)
+    stop = StopRequests().install()  # before the slow setup: a signal then still stops at step 1
     info = init_distributed()
+    checkpoints = open_checkpoints(args.checkpoints)
     # Rank 0 holds the checkpoint folder while it trains: a second trainer (an orphaned worker, a
     # second run of the same config) stops before it writes a byte, naming the holder.
-    with exclusive_checkpoints(Path(args.checkpoints), hold=info.is_main):
-        run = train(args, cfg, info)
+    with checkpoints.lock(hold=info.is_main):
+        run, stopped = train(args, cfg, info, checkpoints, stop)
     barrier(info)
     cleanup(info)
     if info.is_distributed:
         _KEPT_UNTIL_EXIT.append(run)  # not freed when main() returns: see run_and_exit
-    return 0
+    return STOPPED_EXIT_CODE if stopped else 0
 
 
-def train(args: argparse.Namespace, cfg: PipelineConfig, info: DistInfo) -> Run:
-    """setup -> resume -> train_step until done (validate, checkpoint) -> save_model."""
+def train(args: argparse.Namespace, cfg: PipelineConfig, info: DistInfo, checkpoints, stop: StopRequests) -> tuple[Run, bool]:
+    """setup -> resume -> train_step until done or stopped (validate, checkpoint) -> save_model.
+    Returns the run and whether a stop request ended it early (a checkpoint, no model)."""
     tcfg = cfg.train
-    tokenized, output, ckpt_root = Path(args.tokenized), Path(args.output), Path(args.checkpoints)
+    tokenized = local_input(args.tokenized)
+    job_output = JobOutput(args.output, args.commit_output, info.is_main)
+    output = job_output.path
     run = setup(cfg, tokenized, info)
-    state = resume(run, ckpt_root)
+    state = resume(run, checkpoints)
     start_step, tokens = state.step, 0
     peak = peak_flops(info.device)
     monitor = Monitor(output, info.is_main, tcfg, start_step, run.flops_token, peak * info.world_size if peak else None)
@@ -341,7 +350,7 @@ def train(args: argparse.Namespace, cfg: PipelineConfig, info: DistInfo) -> Run:
 
     t0 = time.perf_counter()
     while state.step < tcfg.max_steps and state.stopped_at is None:
-        result = train_step(run, state, ckpt_root)
+        result = train_step(run, state, checkpoints)
         state.step, state.samples_seen = state.step + 1, state.samples_seen + run.global_batch
         state.history.append({"step": state.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm})
         tokens += result.real_tokens
@@ -355,8 +364,14 @@ def train(args: argparse.Namespace, cfg: PipelineConfig, info: DistInfo) -> Run:
             monitor.validation(state.step, metrics)
             if state.record_validation(metrics, tcfg.early_stopping_metric, tcfg.early_stopping_patience):
                 monitor.early_stop(state)
-        if state.step % tcfg.save_every_steps == 0 or last or state.stopped_at:
-            save_checkpoint(ckpt_root, state.step, state.to_dict(), run.replica, info, tcfg.keep_last_checkpoints)
+        stopping = not last and stop.agreed(info)
+        if state.step % tcfg.save_every_steps == 0 or last or state.stopped_at or stopping:
+            checkpoints.save(state.step, state.to_dict(), run.replica, info, tcfg.keep_last_checkpoints)
+        if stopping:
+            announce_stop(info, state.step, stop)
+            monitor.close()
+            job_output.abandon()
+            return run, True
     if sample_log:
         sample_log.close()
     seconds = time.perf_counter() - t0
@@ -366,7 +381,8 @@ def train(args: argparse.Namespace, cfg: PipelineConfig, info: DistInfo) -> Run:
     save_model(run, state, tokenized, output, stats)
     monitor.summary(stats, state, memory)
     monitor.close()
-    return run
+    job_output.commit(stats)
+    return run, False
 
 
 def open_sample_log(output: Path, rank: int):

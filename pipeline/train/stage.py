@@ -1,8 +1,12 @@
-"""The train stage: launch `pipeline.train.recipe` under torchrun as a child process and stream its log.
+"""The train stage: launch `pipeline.train.recipe` under torchrun and stream its log.
 
 Training runs in its own processes so the orchestrator (Prefect or the CLI) never imports
-torch.distributed and a crashed rank cannot take the orchestrator down with it. Checkpoints go
-to the stage's scratch folder, which outlives a crash, so rerunning resumes.
+torch.distributed and a crashed rank cannot take the orchestrator down with it. Where it runs:
+torchrun on this machine (`train.launcher: local`, one node or this node's share of several),
+or a Slurm job the stage submits and follows (cluster/slurm.py). Checkpoints go to the stage's
+scratch (or train.checkpoint_dir), which outlives a crash, a requeue or a move to another node,
+so rerunning resumes. A job run elsewhere commits its model under the scratch; the stage adopts
+it (train/job_output.py), also when a later run finds a job's model that an earlier one missed.
 """
 
 from __future__ import annotations
@@ -12,20 +16,22 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import ModelConfig, TrainConfig
+from pipeline import artifacts
+from pipeline.cluster import slurm
+from pipeline.cluster.torchrun import rendezvous_id, torchrun_command
+from pipeline.config import ModelConfig, SlurmConfig, TrainConfig
+from pipeline.train import job_output
+from pipeline.train.preemption import STOPPED_EXIT_CODE
 
 
 class TrainingFailed(RuntimeError):
     pass
 
 
-WORKER = "pipeline.train"
-"""The module torchrun runs (`-m`): the recipe. Its imports are part of this stage's code version."""
-
-
-def content_fingerprint(model: ModelConfig, train: TrainConfig) -> dict[str, str]:
+def content_fingerprint(model: ModelConfig, train: TrainConfig, slurm: SlurmConfig) -> dict[str, str]:
     """Library versions (a new torch or transformers can change the weights for the same inputs),
     read from package metadata, not by importing them, to keep fingerprinting cheap; and the
     DeepSpeed JSON a run uses, which may be a user's own file edited between runs."""
@@ -37,12 +43,36 @@ def content_fingerprint(model: ModelConfig, train: TrainConfig) -> dict[str, str
     return found
 
 
-def torchrun_command(nproc_per_node: int, train_args: list[str]) -> list[str]:
-    # --standalone: a single-node rendezvous on a free port chosen at run time.
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={nproc_per_node}", "-m", WORKER, *train_args,
-    ]
+@dataclass(frozen=True)
+class JobPlan:
+    """What a training job of one train fingerprint reads and writes, wherever it runs."""
+
+    fingerprint: str
+    config_file: str
+    tokenized: str
+    checkpoints: str
+    job_output: str
+    """Where a job that the stage does not run in its own process tree commits its model (job_output.py)."""
+
+    def worker_args(self, output: str | None = None) -> list[str]:
+        """The recipe's arguments: into `output` (the stage's own folder), else committed at job_output."""
+        where = ["--output", output] if output else ["--output", self.job_output, "--commit-output"]
+        return ["--tokenized", self.tokenized, "--config", self.config_file, *where, "--checkpoints", self.checkpoints]
+
+
+def plan_job(model: ModelConfig, train: TrainConfig, *, tokenized: str, scratch: Path, shared: str,
+             config_at: str | None = None) -> JobPlan:
+    """Write the job's config (model and train sections) into the scratch folder and say where
+    everything goes. Checkpoints: `train.checkpoint_dir/train/<fp>`, else beside the job output
+    in the stage's shared scratch (on S3 for an s3:// workdir), so a job on any node resumes."""
+    fp = scratch.name
+    # Absolute: a job starts wherever sbatch (or a user's shell) was.
+    scratch, tokenized, shared = scratch.resolve(), _absolute(tokenized), _absolute(shared)
+    scratch.mkdir(parents=True, exist_ok=True)
+    config_file = scratch / "train_config.json"
+    config_file.write_text(json.dumps({"model": model.model_dump(mode="json"), "train": train.model_dump(mode="json")}, indent=2))
+    checkpoints = artifacts.join(train.checkpoint_dir, "train", fp) if train.checkpoint_dir else artifacts.join(shared, "checkpoints")
+    return JobPlan(fp, config_at or str(config_file), tokenized, checkpoints, artifacts.join(shared, "output"))
 
 
 # Runs `python -m ...` once it has asked for SIGTERM when this orchestrator dies (even by SIGKILL):
@@ -78,7 +108,7 @@ def preflight(model: ModelConfig, train: TrainConfig) -> list[str]:
     if train.strategy == "deepspeed":
         from pipeline.train.parallel.zero_config import resolve_config
 
-        resolve_config(train.deepspeed_config, train, world_size=train.nproc_per_node, device_type="cuda" if cuda else "cpu")
+        resolve_config(train.deepspeed_config, train, world_size=train.world_size, device_type="cuda" if cuda else "cpu")
     return warnings
 
 
@@ -105,14 +135,36 @@ def _relay(proc: subprocess.Popen) -> list[str]:
     return tail + ([pending.decode("utf-8", "replace")] if pending else [])
 
 
-def run(model: ModelConfig, train: TrainConfig, *, inputs: dict[str, Path], out: Path, scratch: Path) -> dict:
+def run(model: ModelConfig, train: TrainConfig, slurm: SlurmConfig, *, inputs: dict[str, Path], out: Path,
+        scratch: Path, shared: str) -> dict:
     preflight(model, train)
-    scratch.mkdir(parents=True, exist_ok=True)
-    config_file = scratch / "train_config.json"
-    config_file.write_text(json.dumps({"model": model.model_dump(mode="json"), "train": train.model_dump(mode="json")}, indent=2))
-    checkpoints = scratch / "checkpoints"
-    args = ["--tokenized", str(inputs["tokenize"]), "--config", str(config_file), "--output", str(out), "--checkpoints", str(checkpoints)]
-    cmd = torchrun_command(train.nproc_per_node, args)
+    plan = plan_job(model, train, tokenized=str(inputs["tokenize"]), scratch=scratch, shared=shared)
+    if job_output.committed(plan.job_output) is None:
+        if train.launcher == "slurm":
+            run_on_slurm(train, slurm, plan, scratch)
+        elif train.launcher == "kubernetes":
+            raise TrainingFailed(
+                f"no model committed at {plan.job_output} yet: with train.launcher kubernetes the Job trains; start it with "
+                "`tunepipe k8s manifest CONFIG --workdir ... | kubectl apply -f -` and rerun this when it completes")
+        elif train.nnodes > 1:  # this node's share of a run started by hand on every node
+            cmd = torchrun_command(train, plan.worker_args(), rdzv_endpoint=train.rdzv_endpoint, rdzv_id=rendezvous_id(train, plan.fingerprint))
+            launch(cmd)
+        else:
+            launch(torchrun_command(train, plan.worker_args(output=str(out))))
+            return json.loads((out / "train_stats.json").read_text())
+    else:
+        print(f"[train] adopting the model a job already committed at {plan.job_output}", flush=True)
+    if job_output.committed(plan.job_output) is None:
+        raise TrainingFailed(f"the training job ended without committing a model at {plan.job_output}")
+    return job_output.adopt(plan.job_output, out)
+
+
+def _absolute(where: str) -> str:
+    return where if artifacts.is_remote(where) else str(Path(where).resolve())
+
+
+def launch(cmd: list[str]) -> None:
+    """torchrun on this machine, its output relayed, bound to this process's life."""
     print("[train] " + " ".join(cmd), flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if sys.stdout.isatty():
@@ -120,6 +172,48 @@ def run(model: ModelConfig, train: TrainConfig, *, inputs: dict[str, Path], out:
     with subprocess.Popen(bound_to_this_process(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
         tail = _relay(proc)
         code = proc.wait()
+    if code == STOPPED_EXIT_CODE:
+        raise TrainingFailed("training was stopped by a signal after writing a checkpoint; rerun to resume")
     if code != 0:
         raise TrainingFailed(f"training exited with code {code}; last lines:\n" + "".join(tail))
-    return json.loads((out / "train_stats.json").read_text())
+
+
+def run_on_slurm(train: TrainConfig, slurm_cfg: SlurmConfig, plan: JobPlan, scratch: Path) -> None:
+    """Submit the job (or follow the one an earlier, interrupted stage submitted) until it ends."""
+    problem = slurm.environment_ok()
+    if problem:
+        raise TrainingFailed(problem)
+    job_file = scratch / "slurm_job.json"
+    job_id = _still_queued(job_file)
+    if job_id:
+        print(f"[train] following slurm job {job_id}, submitted by an earlier run of this stage", flush=True)
+    else:
+        script = scratch / "train.sbatch"
+        script.write_text(slurm_script(train, slurm_cfg, plan, scratch))
+        job_id = slurm.submit(script)
+        job_file.write_text(json.dumps({"job_id": job_id, "script": str(script)}))
+        print(f"[train] submitted slurm job {job_id} ({train.nnodes} node(s) x {train.nproc_per_node}): {script}", flush=True)
+    log = scratch / f"slurm-{job_id}.log"
+    try:
+        final = slurm.follow(job_id, log, slurm_cfg.poll_s)
+    except BaseException:  # Ctrl-C, a Prefect cancellation: the job must not train on unwatched
+        slurm.cancel(job_id)
+        print(f"[train] cancelled slurm job {job_id}", flush=True)
+        raise
+    if final.state != "COMPLETED" and job_output.committed(plan.job_output) is None:
+        raise TrainingFailed(f"slurm job {job_id} ended {final.state} (exit code {final.exit_code or '?'}); "
+                             f"last lines of {log}:\n{slurm.log_tail(log)}")
+
+
+def slurm_script(train: TrainConfig, slurm_cfg: SlurmConfig, plan: JobPlan, scratch: Path) -> str:
+    return slurm.render_script(train, slurm_cfg, worker_args=plan.worker_args(), job_name=f"tunepipe-train-{plan.fingerprint[:12]}",
+                               log=str(scratch.resolve() / "slurm-%j.log"), rdzv_id=rendezvous_id(train, plan.fingerprint))
+
+
+def _still_queued(job_file: Path) -> str | None:
+    try:
+        job_id = json.loads(job_file.read_text())["job_id"]
+        state = slurm.job_state(job_id)
+    except (OSError, ValueError, KeyError, slurm.SlurmError):
+        return None
+    return job_id if state is not None and state.state not in slurm.FINAL_OK | slurm.FINAL_FAILED else None

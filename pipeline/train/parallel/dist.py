@@ -97,3 +97,18 @@ def barrier(info: DistInfo) -> None:
 def cleanup(info: DistInfo) -> None:
     if info.is_distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank when `flag` is true on at least one: how the ranks agree to stop together."""
+    if not info.is_distributed:
+        return flag
+    return all_reduce_sum(torch.tensor([1.0 if flag else 0.0]), info).item() > 0
+
+
+def from_main(value: int, info: DistInfo) -> int:
+    """Rank 0's `value` on every rank (a small integer, e.g. the checkpoint step all ranks load)."""
+    if not info.is_distributed:
+        return value
+    mine = torch.tensor([float(value) if info.is_main else 0.0], dtype=torch.float64)
+    return int(all_reduce_sum(mine, info).item())

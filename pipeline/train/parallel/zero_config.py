@@ -19,7 +19,14 @@ import torch
 
 from pipeline.config import TrainConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "deepspeed_configs"
+def _shipped_presets() -> Path:
+    # An installed copy carries them as pipeline/deepspeed_configs (setup.py); a checkout has them
+    # at the top of the repo, where users look for them.
+    installed = Path(__file__).resolve().parents[2] / "deepspeed_configs"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[3] / "deepspeed_configs"
+
+
+CONFIG_DIR = _shipped_presets()
 # Built by the trainer from train.*; a file that brings its own would silently win or clash.
 _FORBIDDEN_SECTIONS = ("optimizer", "scheduler")
 
