@@ -255,7 +255,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={socket_path}
+# cred_expire: a requeued job waits this long before it may start again (default 120 s; docs/clusters.md)
+AuthInfo=socket={socket_path},cred_expire=10
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool/slurmd-%n
 SlurmctldPidFile={root}/run/slurmctld.pid
@@ -271,7 +272,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
-SchedulerParameters=batch_sched_delay=0
+SchedulerParameters=batch_sched_delay=0,sched_interval=2,bf_interval=2
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none

@@ -5,6 +5,7 @@ script `tunepipe slurm script` prints is accepted by sbatch, and its model flows
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -43,15 +44,22 @@ def test_two_nodes_through_slurm_publish_the_weights_of_a_local_two_process_run(
     assert "world size 2 (backend gloo" in out
 
 
-def test_scontrol_requeue_after_the_first_checkpoint_resumes_to_identical_weights(tmp_path, slurm, local_two_ranks):
+@pytest.fixture(scope="module")
+def local_two_ranks_80(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("local80")
+    run_cli(cli_args("stage", root / "w", root / "r", "publish", **{"train.nproc_per_node": 2, "train.max_steps": 80}))
+    return sha256(published_weights(root / "r"))
+
+
+def interrupted_run(tmp_path, interrupt) -> str:
+    """An 80-step run on Slurm, `interrupt(job_id)` once its first checkpoint is complete; its output."""
     workdir = tmp_path / "w"
     proc = subprocess.Popen(cli_command(*cli_args("stage", workdir, tmp_path / "r", "publish", **ON_SLURM, **{"train.max_steps": 80})),
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: list(workdir.glob("scratch/train/*/checkpoints/step_*/COMPLETE")), 300, "a first checkpoint")
-        job_id = wait_for(lambda: list(workdir.glob("scratch/train/*/slurm_job.json")), 30, "the job id")[0]
-        job_id = __import__("json").loads(job_id.read_text())["job_id"]
-        slurm.run("scontrol", "requeue", job_id)
+        job_file = wait_for(lambda: list(workdir.glob("scratch/train/*/slurm_job.json")), 30, "the job id")[0]
+        interrupt(json.loads(job_file.read_text())["job_id"])
         out = proc.communicate(timeout=600)[0]
     finally:
         proc.kill()
@@ -59,10 +67,22 @@ def test_scontrol_requeue_after_the_first_checkpoint_resumes_to_identical_weight
     assert "start 2" in out, out[-4000:]  # the follower saw the requeued job start again
     summary = summary_of(subprocess.CompletedProcess([], 0, out, ""))
     assert stage_status(summary)["train"] == "resumed"
-    assert sha256(published_weights(tmp_path / "r")) != local_two_ranks  # 80 steps, not 40: a different model
-    again = tmp_path / "uninterrupted"
-    run_cli(cli_args("stage", again / "w", again / "r", "publish", **{"train.nproc_per_node": 2, "train.max_steps": 80}))
-    assert sha256(published_weights(tmp_path / "r")) == sha256(published_weights(again / "r"))
+    return out
+
+
+def test_scontrol_requeue_after_the_first_checkpoint_resumes_to_identical_weights(tmp_path, slurm, local_two_ranks_80):
+    out = interrupted_run(tmp_path, lambda job_id: slurm.run("scontrol", "requeue", job_id))
+    # Slurm's SIGTERM reached the ranks, which agreed on a step and checkpointed it before KillWait ran out.
+    assert "stop requested (SIGTERM)" in out
+    assert sha256(published_weights(tmp_path / "r")) == local_two_ranks_80
+
+
+def test_the_time_limit_warning_checkpoints_and_the_job_requeues_itself(tmp_path, slurm, local_two_ranks_80):
+    # `#SBATCH --signal=USR1@<lead>` signals every process of the job's steps (not the batch
+    # shell) <lead> seconds before the limit; `scancel --signal=USR1` delivers exactly that, now.
+    out = interrupted_run(tmp_path, lambda job_id: slurm.run("scancel", "--signal=USR1", job_id))
+    assert "stop requested (SIGUSR1)" in out and "requeueing job" in out
+    assert sha256(published_weights(tmp_path / "r")) == local_two_ranks_80
 
 
 def test_a_failing_job_fails_the_stage_with_the_job_id_and_the_log_tail(tmp_path, slurm):
