@@ -150,3 +150,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def local_two_rank_weights(tmp_path_factory) -> str:
+    """sha256 of the weights the tiny config (tests/tiny.py) publishes when trained on this machine
+    with 2 processes: what every run of world size 2 elsewhere (Slurm, two nodes by hand, Kubernetes
+    pods) must publish too. Made once per test session."""
+    from tiny import cli_args, published_weights, run_cli, sha256
+
+    root = tmp_path_factory.mktemp("local-two-ranks")
+    run_cli(cli_args("stage", root / "w", root / "r", "publish", **{"train.nproc_per_node": 2}))
+    return sha256(published_weights(root / "r"))

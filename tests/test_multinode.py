@@ -9,15 +9,12 @@ import subprocess
 
 import pytest
 from test_train_distributed import free_port
-from tiny import REPO, cli_args, cli_command, published_weights, run_cli, sha256, stage_status, summary_of
+from tiny import REPO, cli_args, cli_command, published_weights, sha256, stage_status, summary_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_two_nodes_started_by_hand_from_the_config_train_one_model(tmp_path):
-    local = run_cli(cli_args("stage", tmp_path / "local", tmp_path / "reg-local", "publish", **{"train.nproc_per_node": 2}))
-    assert stage_status(summary_of(local))["train"] == "ran"
-
+def test_two_nodes_started_by_hand_from_the_config_train_one_model(tmp_path, local_two_rank_weights):
     on_two_nodes = {"train.nnodes": 2, "train.nproc_per_node": 1, "train.rdzv_endpoint": f"127.0.0.1:{free_port()}"}
     # One intra-op thread per rank, as torchrun gives each of the local run's two workers.
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -34,4 +31,4 @@ def test_two_nodes_started_by_hand_from_the_config_train_one_model(tmp_path):
     assert "global batch = 4 micro x 1 accum x 2 ranks = 8 rows" in joined  # every rank counted
     statuses = [stage_status(summary_of(subprocess.CompletedProcess([], 0, out, ""))) for out in outs]
     assert all(s["publish"] in ("ran", "cached") for s in statuses)
-    assert sha256(published_weights(tmp_path / "reg")) == sha256(published_weights(tmp_path / "reg-local"))
+    assert sha256(published_weights(tmp_path / "reg")) == local_two_rank_weights

@@ -19,24 +19,15 @@ ON_SLURM = {"train.launcher": "slurm", "train.nnodes": 2, "train.nproc_per_node"
 def slurm(slurm_cluster, monkeypatch):
     """The cluster's commands for every CLI this test starts (sbatch reads SLURM_CONF)."""
     monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
-    # torchrun sets one intra-op thread per worker when it starts several on a node, not when it
-    # starts one: a CPU matmul sums in another order with two threads. Both "nodes" share this
-    # machine's two cores, so one thread each is also the fair share.
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # No OMP_NUM_THREADS here: the script gives each rank the CPUs its node's allocation holds
+    # (1 on this cluster), as torchrun gives each of a local 2-process run's workers one thread.
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     return slurm_cluster
 
 
-@pytest.fixture(scope="module")
-def local_two_ranks(tmp_path_factory) -> str:
-    """sha256 of the weights a local 2-process run publishes: what every Slurm run must equal."""
-    root = tmp_path_factory.mktemp("local")
-    run_cli(cli_args("stage", root / "w", root / "r", "publish", **{"train.nproc_per_node": 2}))
-    return sha256(published_weights(root / "r"))
-
-
-def test_two_nodes_through_slurm_publish_the_weights_of_a_local_two_process_run(tmp_path, slurm, local_two_ranks):
+def test_two_nodes_through_slurm_publish_the_weights_of_a_local_two_process_run(tmp_path, slurm, local_two_rank_weights):
     proc = run_cli(cli_args("stage", tmp_path / "w", tmp_path / "r", "publish", **ON_SLURM))
-    assert sha256(published_weights(tmp_path / "r")) == local_two_ranks
+    assert sha256(published_weights(tmp_path / "r")) == local_two_rank_weights
     assert stage_status(summary_of(proc))["train"] == "ran"
     out = proc.stdout
     assert "submitted slurm job" in out and "RUNNING on n[1-2]" in out
@@ -51,37 +42,35 @@ def local_two_ranks_80(tmp_path_factory) -> str:
     return sha256(published_weights(root / "r"))
 
 
-def interrupted_run(tmp_path, interrupt) -> str:
-    """An 80-step run on Slurm, `interrupt(job_id)` once its first checkpoint is complete; its output."""
+def test_requeued_then_warned_of_its_time_limit_the_job_resumes_twice_to_identical_weights(tmp_path, slurm, local_two_ranks_80):
+    """`scontrol requeue` once the first checkpoint is complete (Slurm's SIGTERM, then a requeue by
+    Slurm); then, once the restarted job has checkpointed, SIGUSR1 to every process of its step,
+    which is what `#SBATCH --signal=USR1@<lead>` delivers before the time limit: `scancel
+    --signal=USR1` delivers exactly that, now (and not to the batch shell); the job requeues itself."""
     workdir = tmp_path / "w"
+    checkpoints = lambda: sorted(workdir.glob("scratch/train/*/checkpoints/step_*/COMPLETE"))  # noqa: E731
     proc = subprocess.Popen(cli_command(*cli_args("stage", workdir, tmp_path / "r", "publish", **ON_SLURM, **{"train.max_steps": 80})),
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for(lambda: list(workdir.glob("scratch/train/*/checkpoints/step_*/COMPLETE")), 300, "a first checkpoint")
+        wait_for(checkpoints, 300, "a first checkpoint")
         job_file = wait_for(lambda: list(workdir.glob("scratch/train/*/slurm_job.json")), 30, "the job id")[0]
-        interrupt(json.loads(job_file.read_text())["job_id"])
+        job_id = json.loads(job_file.read_text())["job_id"]
+        slurm.run("scontrol", "requeue", job_id)
+        show = lambda: slurm.run("scontrol", "show", "job", "-o", job_id).stdout  # noqa: E731
+        wait_for(lambda: "JobState=RUNNING" in (line := show()) and "Restarts=1" in line, 300, "the requeued job to run again")
+        before = checkpoints()[-1]  # the checkpoint the SIGTERM stop wrote
+        wait_for(lambda: checkpoints()[-1] > before, 300, "a checkpoint of the restarted job's own")
+        slurm.run("scancel", "--signal=USR1", job_id)
         out = proc.communicate(timeout=600)[0]
     finally:
         proc.kill()
     assert proc.returncode == 0, out[-4000:]
-    assert "start 2" in out, out[-4000:]  # the follower saw the requeued job start again
+    # Slurm's SIGTERM reached the ranks, which agreed on a step and checkpointed it before KillWait ran out.
+    assert "stop requested (SIGTERM)" in out, out[-4000:]
+    assert "stop requested (SIGUSR1)" in out and "requeueing job" in out, out[-4000:]
+    assert "start 3" in out, out[-4000:]  # the follower saw the job start a second and a third time
     summary = summary_of(subprocess.CompletedProcess([], 0, out, ""))
     assert stage_status(summary)["train"] == "resumed"
-    return out
-
-
-def test_scontrol_requeue_after_the_first_checkpoint_resumes_to_identical_weights(tmp_path, slurm, local_two_ranks_80):
-    out = interrupted_run(tmp_path, lambda job_id: slurm.run("scontrol", "requeue", job_id))
-    # Slurm's SIGTERM reached the ranks, which agreed on a step and checkpointed it before KillWait ran out.
-    assert "stop requested (SIGTERM)" in out
-    assert sha256(published_weights(tmp_path / "r")) == local_two_ranks_80
-
-
-def test_the_time_limit_warning_checkpoints_and_the_job_requeues_itself(tmp_path, slurm, local_two_ranks_80):
-    # `#SBATCH --signal=USR1@<lead>` signals every process of the job's steps (not the batch
-    # shell) <lead> seconds before the limit; `scancel --signal=USR1` delivers exactly that, now.
-    out = interrupted_run(tmp_path, lambda job_id: slurm.run("scancel", "--signal=USR1", job_id))
-    assert "stop requested (SIGUSR1)" in out and "requeueing job" in out
     assert sha256(published_weights(tmp_path / "r")) == local_two_ranks_80
 
 
