@@ -6,6 +6,8 @@ script `tunepipe slurm script` prints is accepted by sbatch, and its model flows
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 
 import pytest
@@ -95,3 +97,38 @@ def test_the_printed_script_is_accepted_by_sbatch_and_its_model_flows_back_into_
     assert "adopting the model a job already committed" in proc.stdout
     assert "submitted slurm job" not in proc.stdout
     assert stage_status(summary_of(proc))["evaluate"] == "ran"
+
+
+def start_following(tmp_path, **extra) -> tuple[subprocess.Popen, str]:
+    """The CLI started in a session of its own, once its job is RUNNING: (process, job id)."""
+    workdir = tmp_path / "w"
+    proc = subprocess.Popen(cli_command(*cli_args("stage", workdir, tmp_path / "r", "publish", **ON_SLURM, **extra)),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    job_file = wait_for(lambda: list(workdir.glob("scratch/train/*/slurm_job.json")), 300, "the job id")[0]
+    return proc, json.loads(job_file.read_text())["job_id"]
+
+
+def test_ctrl_c_on_the_run_cancels_its_job(tmp_path, slurm):
+    proc, job_id = start_following(tmp_path, **{"train.max_steps": 400})
+    try:
+        wait_for(lambda: slurm.job_state(job_id) == "RUNNING", 120, "the job to run")
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert f"cancelled slurm job {job_id}" in out, out[-3000:]
+    assert slurm.wait_job(job_id, timeout=120) == "CANCELLED"
+
+
+def test_a_killed_run_leaves_its_job_training_and_the_rerun_follows_it_instead_of_submitting(tmp_path, slurm, local_two_rank_weights):
+    proc, job_id = start_following(tmp_path)
+    try:
+        wait_for(lambda: slurm.job_state(job_id) == "RUNNING", 120, "the job to run")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the run and its follower, not the job: slurmd runs that
+        proc.wait()
+    rerun = run_cli(cli_args("stage", tmp_path / "w", tmp_path / "r", "publish", **ON_SLURM))
+    assert f"following slurm job {job_id}, submitted by an earlier run of this stage" in rerun.stdout
+    assert "submitted slurm job" not in rerun.stdout
+    assert sha256(published_weights(tmp_path / "r")) == local_two_rank_weights
