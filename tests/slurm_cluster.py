@@ -256,7 +256,7 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 # cred_expire: a requeued job waits this long before it may start again (default 120 s; docs/clusters.md)
-AuthInfo=socket={socket_path},cred_expire=10
+AuthInfo=socket={socket_path},cred_expire=5
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool/slurmd-%n
 SlurmctldPidFile={root}/run/slurmctld.pid

@@ -65,3 +65,32 @@ def test_a_slurm_setting_on_a_local_run_is_named_as_ignored():
     lines = load_config(None, ["slurm.partition=gpu"]).ignored_settings()
     assert lines == ["slurm.partition is set but ignored: train.launcher is local; it is not part of the cache key"]
     assert load_config(None, ["slurm.partition=gpu", "train.launcher=slurm"]).ignored_settings() == []
+
+
+def test_following_a_job_waits_out_a_silent_slurmctld_and_reports_a_requeue(tmp_path, monkeypatch):
+    from pipeline.cluster import slurm
+
+    answers = iter([
+        slurm.JobState("RUNNING", 0, "None", "n[1-2]", "0:0"),
+        slurm.SlurmError("Unable to contact slurm controller (connect failure)"),  # a slurmctld restart
+        slurm.SlurmError("Unable to contact slurm controller (connect failure)"),
+        slurm.JobState("PENDING", 1, "BeginTime", "", "0:0"),
+        slurm.JobState("RUNNING", 1, "None", "n[1-2]", "0:0"),
+        slurm.JobState("COMPLETED", 1, "None", "n[1-2]", "0:0"),
+    ])
+
+    def job_state(job_id):
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(slurm, "job_state", job_state)
+    monkeypatch.setattr(slurm.time, "sleep", lambda s: None)
+    said = []
+    final = slurm.follow("7", tmp_path / "slurm-7.log", poll_s=0.01, say=said.append)
+    assert final.state == "COMPLETED"
+    assert sum("no answer from slurmctld" in line for line in said) == 2
+    assert "[train] slurm job 7: requeued; it resumes from its newest checkpoint when it starts again" in said
+    assert said[-1] == "[train] slurm job 7: COMPLETED"
+    assert "[train] slurm job 7: RUNNING on n[1-2], start 2" in said

@@ -5,6 +5,7 @@ resume bit-identically, also from the disk state a kill during a checkpoint save
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -83,27 +84,63 @@ def test_two_nodes_of_one_process_form_a_world_of_two(tmp_path, tokenized):
     assert trained_samples(tmp_path / "out") == list(range(32))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", ["zero2"])  # ZeRO-3: the real SIGKILL test below
-def test_deepspeed_resume_from_a_kill_during_save_is_bit_identical(tmp_path, tokenized, stage):
-    """Uninterrupted 6 steps vs: 4 steps, then the disk state a SIGKILL during the step-6 save
-    leaves behind (the step folder renamed in but no COMPLETE marker, and a staging folder), then rerun."""
-    launcher = [*TORCHRUN, "--standalone", "--nproc_per_node", "2"]
-    # A constant learning rate: the schedule must not depend on max_steps, which the stand-in for the kill changes.
-    settings = ["train.strategy=deepspeed", f"train.deepspeed_config={stage}", "train.warmup_steps=0", "train.min_lr_ratio=1", "train.max_steps=6"]
-    clean = run(train_command(tokenized, tmp_path / "clean", *settings, launcher=launcher))
-    assert "strategy deepspeed" in clean.stdout
+ZERO2 = [*TORCHRUN, "--standalone", "--nproc_per_node", "2"]
+# A constant learning rate: the schedule must not depend on max_steps, which the interruptions change.
+ZERO2_SETTINGS = ["train.strategy=deepspeed", "train.deepspeed_config=zero2", "train.warmup_steps=0", "train.min_lr_ratio=1"]
 
+
+@pytest.fixture(scope="module")
+def zero2_clean(tmp_path_factory, tokenized) -> Path:
+    """The output folder of an uninterrupted 6-step ZeRO-2 run on 2 ranks: what each resume must reproduce."""
+    root = tmp_path_factory.mktemp("zero2-clean")
+    clean = run(train_command(tokenized, root, *ZERO2_SETTINGS, "train.max_steps=6", launcher=ZERO2))
+    assert "strategy deepspeed" in clean.stdout
+    return root / "out"
+
+
+@pytest.mark.slow
+def test_deepspeed_resume_from_a_kill_during_save_is_bit_identical(tmp_path, tokenized, zero2_clean):
+    """Uninterrupted 6 steps vs: 4 steps, then the disk state a SIGKILL during the step-6 save
+    leaves behind (the step folder renamed in but no COMPLETE marker, and a staging folder), then
+    rerun. ZeRO-2 here; ZeRO-3: the real SIGKILL test below."""
     killed = tmp_path / "killed"
-    run(train_command(tokenized, killed, *settings[:-1], "train.max_steps=4", launcher=launcher))
+    run(train_command(tokenized, killed, *ZERO2_SETTINGS, "train.max_steps=4", launcher=ZERO2))
     ckpt = killed / "ckpt"
     shutil.copytree(ckpt / "step_00000004", ckpt / "step_00000006")  # half-saved: no marker
     (ckpt / "step_00000006" / "COMPLETE").unlink()
     shutil.copytree(ckpt / "step_00000004", ckpt / ".tmp_step_00000008")
-    resumed = run(train_command(tokenized, killed, *settings, launcher=launcher))
+    resumed = run(train_command(tokenized, killed, *ZERO2_SETTINGS, "train.max_steps=6", launcher=ZERO2))
     assert "resuming from" in resumed.stdout and "step_00000004" in resumed.stdout
-    assert sha256(killed / "out/model/model.safetensors") == sha256(tmp_path / "clean/out/model/model.safetensors")
-    assert train_losses(killed / "out") == train_losses(tmp_path / "clean" / "out")
+    assert sha256(killed / "out/model/model.safetensors") == sha256(zero2_clean / "model/model.safetensors")
+    assert train_losses(killed / "out") == train_losses(zero2_clean)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_checkpoints_on_s3_resume_two_ranks_bit_identically(tmp_path, tokenized, zero2_clean, s3_bucket):
+    """Each rank uploads its own ZeRO shard; the resumed run, with another machine's cache (no
+    local copy of anything), downloads and loads them all (docs/clusters.md)."""
+    url = f"s3://{s3_bucket}/ckpt"
+
+    def command(steps: int) -> list[str]:
+        cmd = train_command(tokenized, tmp_path, *ZERO2_SETTINGS, f"train.max_steps={steps}", launcher=ZERO2)
+        cmd[cmd.index("--checkpoints") + 1] = url
+        return cmd
+
+    def on(machine: str, cmd: list[str]) -> subprocess.CompletedProcess:
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                              env=dict(os.environ, TUNEPIPE_CACHE=str(tmp_path / machine)))
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done
+
+    on("node-a", command(4))
+    import s3fs
+
+    shards = s3fs.S3FileSystem().glob(f"{s3_bucket}/ckpt/step_00000004/**/*optim_states.pt")
+    assert len(shards) == 2, shards  # both ranks' ZeRO shards, each uploaded by its rank
+    resumed = on("node-b", command(6))
+    assert "resuming from" in resumed.stdout and "step_00000004" in resumed.stdout
+    assert sha256(tmp_path / "out/model/model.safetensors") == sha256(zero2_clean / "model/model.safetensors")
+    assert train_losses(tmp_path / "out") == train_losses(zero2_clean)
 
 
 @pytest.mark.slow

@@ -163,27 +163,38 @@ class LogTail:
         self.tail = (self.tail + chunk.decode("utf-8", "replace").splitlines(keepends=True))[-40:]
 
 
-def follow(job_id: str, log: Path, poll_s: float, say: Callable[[str], None] = print) -> JobState:
+def follow(job_id: str, log: Path, poll_s: float, say: Callable[[str], None] = print, patience_s: float = 600) -> JobState:
     """Stream the job's log and report its states until it ends; returns the final state.
-    A requeued or preempted job is waited for: it starts again and resumes."""
-    tail, seen, last = LogTail(log), None, None
+    A requeued or preempted job is waited for: it starts again and resumes. slurmctld not
+    answering (a restart, a failover) is waited out for `patience_s`: the job may be fine."""
+    tail, seen, unanswered_since = LogTail(log), None, None
     while True:
-        state = job_state(job_id)
+        try:
+            state = job_state(job_id)
+            unanswered_since = None
+        except (SlurmError, subprocess.TimeoutExpired) as e:
+            unanswered_since = unanswered_since or time.monotonic()
+            if time.monotonic() - unanswered_since > patience_s:
+                raise SlurmError(f"slurmctld has not answered about job {job_id} for {patience_s:.0f}s: {e}") from None
+            say(f"[train] slurm job {job_id}: no answer from slurmctld ({e}); asking again")
+            time.sleep(max(poll_s, 10.0))
+            continue
         tail.pump()
         if state is None:
             say(f"[train] slurm job {job_id} is no longer known to slurmctld (purged after MinJobAge)")
             return JobState("UNKNOWN", 0, "", "", "")
+        if seen is not None and state.restarts > seen[1]:
+            say(f"[train] slurm job {job_id}: requeued; it resumes from its newest checkpoint when it starts again")
         shown = (state.state, state.restarts)
         if shown != seen:
             where = f" on {state.nodes}" if state.state == "RUNNING" else (f" ({state.reason})" if state.reason not in ("", "None") else "")
-            again = f", start {state.restarts + 1}" if state.restarts else ""
+            again = f", start {state.restarts + 1}" if state.restarts and state.state == "RUNNING" else ""
             say(f"[train] slurm job {job_id}: {state.state}{where}{again}")
             seen = shown
         if state.state in FINAL_OK | FINAL_FAILED:
             time.sleep(min(poll_s, 1.0))
             tail.pump()  # the last lines land after the state changes
-            last = state
-            return last
+            return state
         time.sleep(poll_s)
 
 
