@@ -14,15 +14,20 @@ each. Prints both wall times, the train stage's seconds, and as the last line on
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Running this file puts bench/ first on sys.path, where a sibling script named like a stdlib
+# module (bench/tokenize.py) would shadow it for everything imported after this line.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import argparse
 import hashlib
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
