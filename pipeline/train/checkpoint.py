@@ -24,7 +24,7 @@ import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -115,19 +115,27 @@ def problems(folder: Path) -> list[str]:
     return found
 
 
-def newest_loadable_checkpoint(root: str | Path, log: Callable[[str], None] = print) -> Path | None:
-    """The newest complete checkpoint whose files match their recorded sha256s; each newer one that
-    does not is named, with what is wrong, and passed over (it is left on disk for a look)."""
+def newest_intact(candidates: Iterable[tuple[str, Callable[[], Path]]], where: str, log: Callable[[str], None]) -> Path | None:
+    """The first of `candidates` (newest first: a label, and how to get its local folder) whose
+    files match their recorded sha256s; each one before it that does not is named, with what is
+    wrong, and passed over (left where it is, for a look)."""
     passed_over = 0
-    for folder in reversed(complete_checkpoints(root)):
+    for label, local_folder in candidates:
+        folder = local_folder()
         wrong = problems(folder)
         if not wrong:
             return folder
         passed_over += 1
-        log(f"checkpoint {folder} is corrupt ({'; '.join(wrong[:3])}); trying the one before it")
+        log(f"checkpoint {label} is corrupt ({'; '.join(wrong[:3])}); trying the one before it")
     if passed_over:
-        log(f"no intact checkpoint in {root}: training starts again from step 0")
+        log(f"no intact checkpoint in {where}: training starts again from step 0")
     return None
+
+
+def newest_loadable_checkpoint(root: str | Path, log: Callable[[str], None] = print) -> Path | None:
+    """The newest complete checkpoint under `root` that is intact (`newest_intact`)."""
+    found = reversed(complete_checkpoints(root))
+    return newest_intact(((str(f), lambda f=f: f) for f in found), str(root), log)
 
 
 def rng_state() -> dict[str, Any]:

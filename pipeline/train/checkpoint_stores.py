@@ -29,7 +29,7 @@ from typing import Any, Callable
 from pipeline import artifacts
 from pipeline.artifacts import sha256_file
 from pipeline.train.checkpoint import (
-    MARKER, PREFIX, exclusive_checkpoints, marker, newest_complete_checkpoint, newest_loadable_checkpoint, problems,
+    MARKER, PREFIX, exclusive_checkpoints, marker, newest_complete_checkpoint, newest_intact, newest_loadable_checkpoint, problems,
     save_checkpoint, step_dir, step_of, write_parts,
 )
 from pipeline.train.parallel.dist import DistInfo, barrier, from_main
@@ -167,17 +167,9 @@ class RemoteCheckpoints:
         return local
 
     def newest_loadable(self, log: Callable[[str], None]) -> int | None:
-        passed_over = 0
-        for step in reversed(self.complete_steps()):
-            folder = self.fetch(step)
-            wrong = problems(folder)
-            if not wrong:
-                return step
-            passed_over += 1
-            log(f"checkpoint {self._step_url(step)} is corrupt ({'; '.join(wrong[:3])}); trying the one before it")
-        if passed_over:
-            log(f"no intact checkpoint in {self.url}: training starts again from step 0")
-        return None
+        found = reversed(self.complete_steps())
+        folder = newest_intact(((self._step_url(s), lambda s=s: self.fetch(s)) for s in found), self.url, log)
+        return None if folder is None else step_of(folder)
 
     def choose(self, info: DistInfo, log: Callable[[str], None]) -> Path | None:
         """Collective: the local folder of the checkpoint rank 0 chose, on every rank (None: start fresh)."""
