@@ -12,7 +12,7 @@ import subprocess
 import pytest
 import s3fs
 from tiny import (
-    REPO, cli_args, cli_command, make_blocks, published_weights, run_cli, sha256, stage_status, summary_of, wait_for,
+    REPO, cli_args, cli_command, make_blocks, published_weights, sha256, stage_status, summary_of, wait_for,
 )
 
 from pipeline.train import preemption, recipe
@@ -104,14 +104,14 @@ def test_a_corrupt_newest_s3_checkpoint_falls_back_and_a_partial_save_is_never_l
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_an_s3_workdir_killed_mid_training_resumes_elsewhere_to_identical_weights(tmp_path, s3_bucket):
-    steps = {"train.max_steps": 60}
-    clean = run_cli(cli_args("stage", tmp_path / "clean", tmp_path / "reg-clean", "publish", **steps))
-    assert stage_status(summary_of(clean))["train"] == "ran"
-
+def test_an_s3_workdir_killed_mid_training_resumes_elsewhere_to_identical_weights(tmp_path, s3_bucket, local_two_rank_weights):
+    """Two ranks, each uploading its part; SIGKILL to the whole run once a checkpoint is complete on
+    S3; the rerun, as another machine (another HOME and cache: no local copy of anything), resumes
+    from S3 and publishes the weights of an uninterrupted local run."""
+    two_ranks = {"train.nproc_per_node": 2}
     workdir = f"s3://{s3_bucket}/runs"
     machine = lambda name: dict(os.environ, HOME=str(tmp_path / name), TUNEPIPE_CACHE=str(tmp_path / name / "cache"))  # noqa: E731
-    args = cli_args("stage", tmp_path / "unused", tmp_path / "reg", "publish", **steps)
+    args = cli_args("stage", tmp_path / "unused", tmp_path / "reg", "publish", **two_ranks)
     args[args.index("--workdir") + 1] = workdir
     proc = subprocess.Popen(cli_command(*args), cwd=REPO, env=machine("node-a"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -122,11 +122,12 @@ def test_an_s3_workdir_killed_mid_training_resumes_elsewhere_to_identical_weight
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not fs.glob(f"{s3_bucket}/runs/train/*/manifest.json"), "training finished before the kill: nothing was tested"
+    step = fs.glob(f"{s3_bucket}/runs/scratch/train/*/checkpoints/step_*/COMPLETE")[0].rsplit("/", 2)[-2]
+    assert {p.rsplit("/", 1)[-1] for p in fs.glob(f"{s3_bucket}/runs/scratch/train/*/checkpoints/{step}/.parts/*")} == {"rank0.json", "rank1.json"}
 
     rerun = subprocess.run(cli_command(*args), cwd=REPO, env=machine("node-b"), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     summary = summary_of(rerun)
     assert stage_status(summary)["train"] == "resumed"
     assert next(s for s in summary["stages"] if s["name"] == "train")["stats"]["resumed_from_step"] > 0
-    assert sha256(published_weights(tmp_path / "reg")) == sha256(published_weights(tmp_path / "reg-clean"))
-
+    assert sha256(published_weights(tmp_path / "reg")) == local_two_rank_weights
