@@ -67,12 +67,18 @@ def steps_on(fs, url: str) -> dict[str, bool]:
     return {p.rsplit("/", 1)[-1]: fs.exists(p + "/COMPLETE") for p in fs.ls(url.removeprefix("s3://")) if "step_" in p}
 
 
-@pytest.mark.integration
-def test_a_run_resumes_from_s3_on_a_machine_that_never_saw_its_checkpoints(tmp_path, blocks, uninterrupted, s3_bucket, monkeypatch, capsys):
+@pytest.fixture
+def stopped_on_node_a(tmp_path, blocks, s3_bucket, monkeypatch) -> str:
+    """The URL of the checkpoints a run left on S3 when a stop request ended it during step 6."""
     url = f"s3://{s3_bucket}/ckpt"
     another_machine(monkeypatch, tmp_path, "node-a")
     assert train(blocks, tmp_path / "a", url, stop_after=6) == preemption.STOPPED_EXIT_CODE
-    fs = s3fs.S3FileSystem()
+    return url
+
+
+@pytest.mark.integration
+def test_a_run_resumes_from_s3_on_a_machine_that_never_saw_its_checkpoints(tmp_path, blocks, uninterrupted, stopped_on_node_a, monkeypatch, capsys):
+    url, fs = stopped_on_node_a, s3fs.S3FileSystem()
     assert steps_on(fs, url) == {"step_00000004": True, "step_00000006": True}  # keep_last 2, all complete
     another_machine(monkeypatch, tmp_path, "node-b")
     capsys.readouterr()
@@ -83,11 +89,8 @@ def test_a_run_resumes_from_s3_on_a_machine_that_never_saw_its_checkpoints(tmp_p
 
 
 @pytest.mark.integration
-def test_a_corrupt_newest_s3_checkpoint_falls_back_and_a_partial_save_is_never_loaded(tmp_path, blocks, uninterrupted, s3_bucket, monkeypatch, capsys):
-    url = f"s3://{s3_bucket}/ckpt"
-    another_machine(monkeypatch, tmp_path, "node-a")
-    assert train(blocks, tmp_path / "a", url, stop_after=6) == preemption.STOPPED_EXIT_CODE
-    fs = s3fs.S3FileSystem()
+def test_a_corrupt_newest_s3_checkpoint_falls_back_and_a_partial_save_is_never_loaded(tmp_path, blocks, uninterrupted, stopped_on_node_a, monkeypatch, capsys):
+    url, fs = stopped_on_node_a, s3fs.S3FileSystem()
     bucket_path = url.removeprefix("s3://")
     fs.pipe_file(f"{bucket_path}/step_00000006/trainer.pt", b"not what was saved")
     # A save killed part-way through step 8: its files, no COMPLETE.
