@@ -9,7 +9,6 @@ hand-submitted job flows back into the cached DAG (evaluate, publish).
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 
 from pipeline import artifacts
@@ -17,7 +16,7 @@ from pipeline.cluster.kubernetes import CONFIG_MOUNT, render_manifest
 from pipeline.cluster.torchrun import rendezvous_id
 from pipeline.config import PipelineConfig
 from pipeline.stages import compute_fingerprint, run_stages, scratch_dir, shared_scratch
-from pipeline.train.stage import JobPlan, plan_job, slurm_script
+from pipeline.train.stage import JobPlan, job_config, plan_job, slurm_script
 
 
 class ClusterJobError(ValueError):
@@ -45,7 +44,7 @@ def k8s_manifest_for(cfg: PipelineConfig, workdir: str) -> str:
         raise ClusterJobError(f"--workdir {workdir} is a local folder: pods read the tokenized shards and write checkpoints "
                          "and the model through an s3:// workdir (e.g. --workdir s3://bucket/runs)")
     plan, _ = _prepare(cfg, workdir, config_at=f"{CONFIG_MOUNT}/train_config.json")
-    config_json = json.dumps({"model": cfg.model.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json")}, indent=2)
+    config_json = job_config(cfg.model, cfg.train)
     env = {"AWS_ENDPOINT_URL": cfg.data.s3_endpoint_url} if cfg.data.s3_endpoint_url else {}
     name = cfg.kubernetes.name or f"tunepipe-train-{plan.fingerprint[:12]}"
     return render_manifest(cfg.train, cfg.kubernetes, name=name, worker_args=plan.worker_args(), config_json=config_json,

@@ -138,6 +138,16 @@ def job_state(job_id: str) -> JobState | None:
                     fields.get("NodeList", ""), fields.get("ExitCode", ""))
 
 
+def pass_through(chunk: bytes) -> None:
+    """A job's output, onto this process's stdout as it comes (\r included: a progress bar redraws in place)."""
+    out = getattr(sys.stdout, "buffer", None)
+    if out is not None:
+        out.write(chunk)
+        out.flush()
+    else:
+        sys.stdout.write(chunk.decode("utf-8", "replace"))
+
+
 class LogTail:
     """Copies what the job appends to its log through to this process's output."""
 
@@ -154,12 +164,7 @@ class LogTail:
         if not chunk:
             return
         self.offset += len(chunk)
-        out = getattr(sys.stdout, "buffer", None)
-        if out is not None:
-            out.write(chunk)
-            out.flush()
-        else:
-            sys.stdout.write(chunk.decode("utf-8", "replace"))
+        pass_through(chunk)
         self.tail = (self.tail + chunk.decode("utf-8", "replace").splitlines(keepends=True))[-40:]
 
 

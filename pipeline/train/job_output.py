@@ -20,6 +20,10 @@ from pipeline import artifacts
 JOB_STAGE = "train-job"
 
 
+class JobOutputMissing(RuntimeError):
+    """A job ended (completed, by its own account) without committing a model."""
+
+
 def local_input(where: str) -> Path:
     """A local folder with the committed stage output at `where` (a path, or a URL downloaded and verified)."""
     if not artifacts.is_remote(where):
@@ -70,6 +74,8 @@ def committed(where: str) -> dict[str, Any] | None:
 def adopt(where: str, out: Path) -> dict[str, Any]:
     """Put the committed job output's files into the stage's staging folder `out`; return its stats.
     Local: hard links (instant; the job's copy stays for any other adopter). Remote: a verified download."""
+    if committed(where) is None:
+        raise JobOutputMissing(f"the training job ended without committing a model at {where}")
     source = local_input(where) if artifacts.is_remote(where) else Path(where)
     manifest = artifacts.read_json(str(source / artifacts.MANIFEST))
     artifacts.check_files(str(source), manifest, full=True)  # a job's files, checked once before they are ours

@@ -60,6 +60,11 @@ class JobPlan:
         return ["--tokenized", self.tokenized, "--config", self.config_file, *where, "--checkpoints", self.checkpoints]
 
 
+def job_config(model: ModelConfig, train: TrainConfig) -> str:
+    """The sections a training job reads (`--config`), as JSON."""
+    return json.dumps({"model": model.model_dump(mode="json"), "train": train.model_dump(mode="json")}, indent=2)
+
+
 def plan_job(model: ModelConfig, train: TrainConfig, *, tokenized: str, scratch: Path, shared: str,
              config_at: str | None = None) -> JobPlan:
     """Write the job's config (model and train sections) into the scratch folder and say where
@@ -70,7 +75,7 @@ def plan_job(model: ModelConfig, train: TrainConfig, *, tokenized: str, scratch:
     scratch, tokenized, shared = scratch.resolve(), _absolute(tokenized), _absolute(shared)
     scratch.mkdir(parents=True, exist_ok=True)
     config_file = scratch / "train_config.json"
-    config_file.write_text(json.dumps({"model": model.model_dump(mode="json"), "train": train.model_dump(mode="json")}, indent=2))
+    config_file.write_text(job_config(model, train))
     checkpoints = artifacts.join(train.checkpoint_dir, "train", fp) if train.checkpoint_dir else artifacts.join(shared, "checkpoints")
     return JobPlan(fp, config_at or str(config_file), tokenized, checkpoints, artifacts.join(shared, "output"))
 
@@ -122,13 +127,8 @@ def _relay(proc: subprocess.Popen) -> list[str]:
     """Copy the job's output through as it comes, \r included (a progress bar redraws in place);
     keep the last 40 lines for the error message."""
     tail, pending = [], b""
-    out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
     while chunk := os.read(proc.stdout.fileno(), 65536):
-        if out is not None:
-            out.write(chunk)
-            out.flush()
-        else:
-            sys.stdout.write(chunk.decode("utf-8", "replace"))
+        slurm.pass_through(chunk)
         pending += chunk
         *lines, pending = pending.split(b"\n")
         tail = (tail + [line.decode("utf-8", "replace") + "\n" for line in lines])[-40:]
@@ -139,23 +139,19 @@ def run(model: ModelConfig, train: TrainConfig, slurm: SlurmConfig, *, inputs: d
         scratch: Path, shared: str) -> dict:
     preflight(model, train)
     plan = plan_job(model, train, tokenized=str(inputs["tokenize"]), scratch=scratch, shared=shared)
-    if job_output.committed(plan.job_output) is None:
-        if train.launcher == "slurm":
-            run_on_slurm(train, slurm, plan, scratch)
-        elif train.launcher == "kubernetes":
-            raise TrainingFailed(
-                f"no model committed at {plan.job_output} yet: with train.launcher kubernetes the Job trains; start it with "
-                "`tunepipe k8s manifest CONFIG --workdir ... | kubectl apply -f -` and rerun this when it completes")
-        elif train.nnodes > 1:  # this node's share of a run started by hand on every node
-            cmd = torchrun_command(train, plan.worker_args(), rdzv_endpoint=train.rdzv_endpoint, rdzv_id=rendezvous_id(train, plan.fingerprint))
-            launch(cmd)
-        else:
-            launch(torchrun_command(train, plan.worker_args(output=str(out))))
-            return json.loads((out / "train_stats.json").read_text())
-    else:
+    if job_output.committed(plan.job_output) is not None:
         print(f"[train] adopting the model a job already committed at {plan.job_output}", flush=True)
-    if job_output.committed(plan.job_output) is None:
-        raise TrainingFailed(f"the training job ended without committing a model at {plan.job_output}")
+    elif train.launcher == "slurm":
+        run_on_slurm(train, slurm, plan, scratch)
+    elif train.launcher == "kubernetes":
+        raise TrainingFailed(
+            f"no model committed at {plan.job_output} yet: with train.launcher kubernetes the Job trains; start it with "
+            "`tunepipe k8s manifest CONFIG --workdir ... | kubectl apply -f -` and rerun this when it completes")
+    elif train.nnodes > 1:  # this node's share of a run started by hand on every node
+        launch(torchrun_command(train, plan.worker_args(), rdzv_endpoint=train.rdzv_endpoint, rdzv_id=rendezvous_id(train, plan.fingerprint)))
+    else:
+        launch(torchrun_command(train, plan.worker_args(output=str(out))))
+        return json.loads((out / "train_stats.json").read_text())
     return job_output.adopt(plan.job_output, out)
 
 
