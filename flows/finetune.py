@@ -1,28 +1,50 @@
 """The fine-tuning DAG as a Prefect flow: one task per stage.
 
-    tunepipe run examples/quickstart.yaml --set train.max_steps=100
+    tunepipe run examples/quickstart.yaml --set train.max_steps=100     # once, now
+    tunepipe deploy examples/quickstart.yaml --name nightly --cron "0 3 * * *"   # the same flow, scheduled
 
-The flow only sequences `pipeline.stages`; all work, and the cache, live there. Task results are
-not persisted: the committed stage output (its manifest) is the cache, and `materialize` answers
-"cached" from it in milliseconds. A persisted Prefect result would be a pickle read back on the
-next run, which a planted file could use to run code, and a second cache that can disagree with
-the first (a deleted output, a cache hit from another workdir).
+The flow only sequences `pipeline.stages`; all work, and the cache, live there. Its parameters
+are the resolved config as a mapping plus dotted overrides, validated here exactly as the CLI
+validates them, so a deployment's run-time parameters (another source, `train.max_steps=50`)
+meet the same checks and a bad key fails the run naming it.
+
+Task results are not persisted: the committed stage output (its manifest) is the cache, and
+`materialize` answers "cached" from it in milliseconds. A persisted Prefect result would be a
+pickle read back on the next run, which a planted file could use to run code, and a second cache
+that can disagree with the first (a deleted output, a cache hit from another workdir).
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
+from prefect.runtime import flow_run as this_flow_run
 
 from pipeline import artifacts, stages
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, build_config
+from pipeline.run_report import markdown_report, run_name
 from pipeline.stages import StageResult
 
+DEFAULT_POOL = "tunepipe"
 
-def _run_stage(name: str, fingerprint: str, cfg: PipelineConfig, parents: dict, workdir: str) -> StageResult:
-    return stages.materialize(name, cfg, parents, workdir, fp=fingerprint)
+
+def train_limit_name(pool: str | None) -> str:
+    """The global concurrency limit that train stages of one work pool share."""
+    return f"tunepipe-train-{pool or DEFAULT_POOL}"
+
+
+def _run_stage(name: str, fingerprint: str, cfg: PipelineConfig, parents: dict, workdir: str, limit: str | None) -> StageResult:
+    if limit is None or stages.committed(name, workdir, fingerprint) is not None:
+        return stages.materialize(name, cfg, parents, workdir, fp=fingerprint)
+    # Queue behind the pool's other train stages. A cached train (above) never waits for a slot.
+    print(f"[{name}] taking a slot of concurrency limit {limit!r} (queued while it is full)")
+    with concurrency(limit, occupy=1):
+        return stages.materialize(name, cfg, parents, workdir, fp=fingerprint)
 
 
 def stage_task(name: str):
@@ -39,21 +61,84 @@ def stage_task(name: str):
 STAGE_TASKS = {name: stage_task(name) for name in stages.ORDER}
 
 
-@flow(name="tunepipe-finetune", log_prints=True, persist_result=False)
-def finetune(cfg: PipelineConfig, workdir: str = "runs", until: str | None = None) -> list[StageResult]:
-    stages.preflight(cfg, until)
+def task_for(name: str, cfg: PipelineConfig, workdir: str):
+    """The stage's task with the config's timeout, and retries with doubling back-off where the
+    stage reads or writes remote storage (a flaky network); never for train (stages.retryable)."""
+    options: dict[str, Any] = {"timeout_seconds": cfg.prefect.timeout_s.get(name)}
+    if stages.retryable(name, cfg, workdir) and cfg.prefect.retries:
+        options["retries"] = cfg.prefect.retries
+        options["retry_delay_seconds"] = [cfg.prefect.retry_delay_s * 2**i for i in range(cfg.prefect.retries)]
+    return STAGE_TASKS[name].with_options(**options)
+
+
+def _flow_run_name() -> str:
+    parameters = this_flow_run.parameters
+    try:
+        return run_name(build_config(parameters["config"], parameters.get("overrides") or []))
+    except Exception:  # the run itself fails on the bad config, naming the key
+        return "tunepipe-invalid-config"
+
+
+def _work_pool() -> str | None:
+    """The pool of the deployment this run belongs to; None for an ad-hoc run."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(this_flow_run.id).work_pool_name
+
+
+@flow(name="tunepipe-finetune", flow_run_name=_flow_run_name, log_prints=True, persist_result=False)
+def finetune(
+    config: dict[str, Any],
+    workdir: str = "runs",
+    overrides: list[str] | None = None,
+    until: str | None = None,
+    train_limit: bool = True,
+) -> list[StageResult]:
+    """Run (or load from the cache) every stage of `config` with `overrides` applied, in `workdir`."""
+    cfg = build_config(config, overrides or [])
     artifacts.use_s3_endpoint(cfg.data.s3_endpoint_url)
+    fingerprints = stages.plan(cfg, until)
+    stages.preflight(cfg, fingerprints, workdir)
+    limit = _train_limit(cfg) if train_limit else None
     results: dict[str, StageResult] = {}
-    for name in stages.ORDER:
+    for name, fp in fingerprints.items():
         parents = {p: results[p].artifact for p in stages.STAGES[name].parents}
-        fp = stages.compute_fingerprint(name, cfg, parents)
         start = time.perf_counter()
         try:
-            result: StageResult = STAGE_TASKS[name](name, fp, cfg, parents, workdir)
+            result: StageResult = task_for(name, cfg, workdir)(name, fp, cfg, parents, workdir, limit if name == "train" else None)
         except Exception as e:
-            raise stages.StageFailed(stages.failed_result(name, fp, start, e), list(results.values()), e) from e
+            failed = stages.StageFailed(stages.failed_result(name, fp, start, e), list(results.values()), e)
+            _publish_report(cfg, failed.results, workdir)
+            raise failed from e
         results[name] = result
         print(f"[{name}] {result.status} in {time.perf_counter() - start:.1f}s -> {result.output}")
-        if name == until:
-            break
+    _publish_report(cfg, list(results.values()), workdir)
     return list(results.values())
+
+
+def _train_limit(cfg: PipelineConfig) -> str:
+    """Create the pool's train limit if missing (a deployment made by `prefect deploy` has none
+    yet); an existing one keeps its size, which `tunepipe deploy` sets."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    name = train_limit_name(_work_pool())
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except Exception:  # ObjectNotFound; a concurrent run may create it first, which is as good
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=cfg.train.max_concurrent))
+            except Exception:
+                pass
+    return name
+
+
+def _publish_report(cfg: PipelineConfig, results: list[StageResult], workdir: str) -> None:
+    """A markdown artifact on the flow run: what each stage did and where the model went."""
+    create_markdown_artifact(
+        markdown=markdown_report(cfg, results, workdir),
+        key=f"tunepipe-{cfg.registry.model_name.lower().replace('_', '-').replace('.', '-')}",
+        description=f"tunepipe run of {run_name(cfg)}",
+    )

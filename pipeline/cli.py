@@ -4,6 +4,7 @@
     tunepipe stage ingest examples/quickstart.yaml --workdir runs
     tunepipe registry list --registry registry
     tunepipe slurm script examples/quickstart.yaml --set train.nnodes=2 > train.sbatch
+    tunepipe deploy examples/quickstart.yaml --name nightly --cron "0 3 * * *"
     tunepipe config --keys
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import ConfigError, PipelineConfig, describe_fields, load_config
+from pipeline.run_report import SUMMARY_HEADER, summary_rows, text_table
 
 EPILOG = """examples:
   tunepipe run examples/quickstart.yaml                      # the whole DAG, cached, resumable
@@ -31,6 +33,9 @@ EPILOG = """examples:
   tunepipe run examples/quickstart.yaml --set train.launcher=slurm --set train.nnodes=2   # train as a Slurm job
   tunepipe slurm script examples/quickstart.yaml --set train.nnodes=2 > train.sbatch     # the same job, by hand
   tunepipe k8s manifest examples/quickstart.yaml --workdir s3://bucket/runs | kubectl apply -f -
+  PREFECT_API_URL=http://127.0.0.1:4200/api tunepipe run examples/quickstart.yaml   # recorded on a Prefect server
+  tunepipe deploy examples/quickstart.yaml --name nightly --cron "0 3 * * *"       # scheduled (needs PREFECT_API_URL)
+  tunepipe worker                                            # runs the scheduled runs of pool `tunepipe`
   tunepipe config --keys                                     # every config key, default and meaning
 """
 
@@ -86,42 +91,28 @@ def build_parser() -> argparse.ArgumentParser:
                                   "to train on train.nnodes pods (needs an s3:// --workdir)")
     _add_config_args(manifest)
 
+    deploy = sub.add_parser("deploy", help="create or update a scheduled Prefect deployment of a config (on PREFECT_API_URL)",
+                            description="Validate the config, then create or update a deployment of the tunepipe flow whose "
+                            "parameters are the resolved config and the workdir, on the server at PREFECT_API_URL. "
+                            "A process work pool (default `tunepipe`) and its train concurrency limit are created if missing.")
+    deploy.add_argument("config", nargs="?", help="pipeline YAML (omit for the embedded defaults)")
+    deploy.add_argument("--name", required=True, help="deployment name, e.g. nightly")
+    when = deploy.add_mutually_exclusive_group()
+    when.add_argument("--cron", help='cron schedule, e.g. "0 3 * * *" (03:00 every day)')
+    when.add_argument("--interval", type=float, metavar="SECONDS", help="run every SECONDS")
+    deploy.add_argument("--timezone", default="UTC", help="IANA time zone of --cron (default: UTC)")
+    deploy.add_argument("--pool", default="tunepipe", help="process work pool the runs go to (default: tunepipe)")
+    deploy.add_argument("--workdir", default="runs", help="where stage outputs live, relative to this folder or s3:// (default: runs)")
+    deploy.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    deploy.add_argument("--print", action="store_true", help="print the equivalent prefect.yaml instead of deploying")
+    worker = sub.add_parser("worker", help="start a Prefect process worker for a pool (runs scheduled runs until stopped)")
+    worker.add_argument("--pool", default="tunepipe", help="work pool to serve (default: tunepipe)")
+    worker.add_argument("worker_args", nargs=argparse.REMAINDER, help="passed on to `prefect worker start` (after --)")
+
     config = sub.add_parser("config", help="print the resolved config, or every key with --keys")
     _add_config_args(config)
     config.add_argument("--keys", action="store_true", help="list every config key with its default and meaning")
     return parser
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths))  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
-
-
-def _stat_summary(name: str, stats: dict) -> str:
-    keys = {
-        "ingest": ["rows_in", "rows_out", "rows_rejected"],
-        "sample": ["rows_in", "duplicates_removed", "near_duplicates_removed", "train", "validation", "test"],
-        "preprocess": ["rows_in", "rows_out", "rows_rejected"],
-        "tokenize": ["tokens", "train_rows", "truncated", "utilisation"],
-        "train": ["method", "steps", "world_size", "trainable_params", "final_loss", "tokens_per_s"],
-        "evaluate": ["perplexity", "accuracy", "macro_f1", "rouge_l", "gate_passed"],
-        "publish": ["version"],
-    }.get(name, [])
-    # Per-split counts sit one level down (stats["splits"][split]["rows"]); show them flat.
-    flat = dict(stats)
-    for split, values in (stats.get("splits") or {}).items():
-        if isinstance(values, dict) and "rows" in values:
-            flat.setdefault(split, values["rows"])
-            flat.setdefault(f"{split}_rows", values["rows"])
-    parts = []
-    for k in keys:
-        if flat.get(k) not in (None, 0) or k in ("rows_rejected", "rows_out"):
-            if k not in flat:
-                continue
-            v = flat[k]
-            parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
-    return " ".join(parts)
 
 
 def write_summary(results, cfg: PipelineConfig, workdir: str) -> Path:
@@ -143,15 +134,28 @@ def write_summary(results, cfg: PipelineConfig, workdir: str) -> Path:
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    rows = [[r.name, r.status, f"{r.seconds:.1f}", r.fingerprint[:12], _stat_summary(r.name, r.stats)] for r in results]
     print()
-    print(_table(rows, ["stage", "status", "seconds", "fingerprint", "stats"]))
+    print(text_table(summary_rows(results), SUMMARY_HEADER))
     if summary["registry_version"]:
         print(f"\npublished: {summary['registry_version']}")
     return run_dir / "summary.json"
 
 
 def cmd_run(args, cfg: PipelineConfig) -> int:
+    server = os.environ.get("PREFECT_API_URL")
+    if not server:
+        # No server to record the run on: a run with nothing to do is answered from the cache
+        # alone, without starting Prefect's temporary server (seconds, for a no-op).
+        from pipeline.stages import cached_run
+
+        results = cached_run(cfg, args.workdir)
+        if results is not None:
+            for r in results:
+                print(f"[{r.name}] cached -> {r.output}")
+            print("every stage is cached: nothing to run, so no Prefect flow run was started "
+                  "(set PREFECT_API_URL to record every run on a Prefect server)")
+            print(write_summary(results, cfg, args.workdir).resolve())
+            return 0
     # Offline machines: Prefect's telemetry would only log connection errors.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # A fresh PREFECT_HOME spends ~20 s on database migrations, which is Prefect's whole
@@ -161,10 +165,13 @@ def cmd_run(args, cfg: PipelineConfig) -> int:
     Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")).expanduser().mkdir(parents=True, exist_ok=True)
     from flows.finetune import finetune
 
+    if server:
+        print(f"tunepipe: running on the Prefect server at {server}", file=sys.stderr)
     if not args.debug:
         _one_line_failures()
+    config = cfg.model_dump(mode="json")
     try:
-        return _summarised(lambda: finetune(cfg, workdir=args.workdir), cfg, args.workdir)
+        return _summarised(lambda: finetune(config, workdir=args.workdir), cfg, args.workdir)
     finally:
         # Prefect logs "Stopping temporary server" at exit: keep the summary path (stdout) and
         # the reason of a failure (stderr) the last lines.
@@ -218,7 +225,7 @@ def cmd_registry(args) -> int:
             [r["model"], r["version"], time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["created_unix"] or 0)), r["files"], f"{r['bytes'] / 1e6:.1f} MB", r["metric"], r["url"]]
             for r in rows
         ]
-        print(_table(table_rows, ["model", "version", "created (UTC)", "files", "size", "metric", "url"]))
+        print(text_table(table_rows, ["model", "version", "created (UTC)", "files", "size", "metric", "url"]))
         return 0
     if args.registry_command == "verify":
         url = registry.version_url(args.registry, args.model, args.version)
@@ -248,6 +255,28 @@ def cmd_k8s(args, cfg: PipelineConfig) -> int:
     return 0
 
 
+def cmd_deploy(args, cfg: PipelineConfig) -> int:
+    from flows.deploy import apply, plan_deployment, prefect_yaml
+
+    deployment = plan_deployment(cfg, args.name, args.workdir, pool=args.pool, cron=args.cron, interval_s=args.interval, timezone=args.timezone)
+    if args.print:
+        print(prefect_yaml(deployment), end="")
+        return 0
+    deployment_id = apply(deployment)
+    when = f"cron {args.cron!r} ({args.timezone})" if args.cron else f"every {args.interval:g}s" if args.interval else "no schedule (run it by hand)"
+    print(f"deployment {'tunepipe-finetune/' + args.name} ({deployment_id}) on pool {args.pool!r}: {when}")
+    print(f"start a worker for it: tunepipe worker --pool {args.pool}")
+    print(f"or run it now:         prefect deployment run 'tunepipe-finetune/{args.name}'")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from flows.deploy import start_worker
+
+    extra = args.worker_args[1:] if args.worker_args[:1] == ["--"] else args.worker_args
+    return start_worker(args.pool, extra)
+
+
 def cmd_config(args, cfg: PipelineConfig) -> int:
     if args.keys:
         for key, default, doc in describe_fields():
@@ -260,7 +289,7 @@ def cmd_config(args, cfg: PipelineConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command != "registry":
+    if args.command not in ("registry", "worker"):
         try:
             # Validate the whole config before any stage runs: a typo must not cost a training run.
             implied = {"slurm": ["train.launcher=slurm"], "k8s": ["train.launcher=kubernetes"]}.get(args.command, [])
@@ -278,13 +307,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "registry":
             return cmd_registry(args)
-        commands = {"run": cmd_run, "stage": cmd_stage, "config": cmd_config, "slurm": cmd_slurm, "k8s": cmd_k8s}
+        if args.command == "worker":
+            return cmd_worker(args)
+        commands = {"run": cmd_run, "stage": cmd_stage, "config": cmd_config, "slurm": cmd_slurm, "k8s": cmd_k8s, "deploy": cmd_deploy}
         return commands[args.command](args, cfg)
     except Exception as e:
         if args.debug:
             raise
         # One line a user can act on; the traceback is for --debug.
-        known = type(e).__module__.startswith("pipeline.")
+        known = type(e).__module__.startswith(("pipeline.", "flows."))
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"tunepipe: {reason}" if known else f"tunepipe: {type(e).__name__}: {reason} (--debug shows the traceback)", file=sys.stderr)
         return 1

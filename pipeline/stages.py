@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline import artifacts
+from pipeline import artifacts, run_lock
 from pipeline.artifacts import Artifact, StageOutput
 from pipeline.code_version import code_version
 from pipeline.config import PipelineConfig
@@ -57,9 +57,20 @@ class Stage:
     """The module has `still_valid(artifact)`: its output also lives outside the workdir (the registry)."""
     shared_scratch: bool = False
     """`run` also takes `shared=`: scratch every node sees (in the workdir, even an s3:// one)."""
+    content_module: str | None = None
+    """Where `content_fingerprint` lives when `module` is too heavy to import just to check the
+    cache (train's imports torch: seconds a fully cached run must not pay). `module` imports it
+    too, so its source stays in the stage's code version."""
+    exclusive: bool = False
+    """One process at a time runs this stage for a fingerprint (a lock in its local scratch): two
+    runs of one config must never train into the same checkpoint folder. The second waits, then
+    finds the first one's committed output."""
 
     def load(self):
         return importlib.import_module(self.module)
+
+    def load_content(self):
+        return importlib.import_module(self.content_module or self.module)
 
 
 STAGES: dict[str, Stage] = {
@@ -72,7 +83,8 @@ STAGES: dict[str, Stage] = {
         Stage("preprocess", "pipeline.data.preprocess", ("preprocess", "row_spec"), ("sample",), has_content=True),
         Stage("tokenize", "pipeline.data.tokenize", ("tokenize", "model", "row_spec"), ("preprocess",), has_content=True),
         # slurm: where the job runs, never part of the fingerprint (config/cluster.py).
-        Stage("train", "pipeline.train.stage", ("model", "train", "slurm"), ("tokenize",), has_content=True, shared_scratch=True),
+        Stage("train", "pipeline.train.stage", ("model", "train", "slurm"), ("tokenize",), has_content=True, shared_scratch=True,
+              content_module="pipeline.train.fingerprint", exclusive=True),
         Stage("evaluate", "pipeline.evaluate.stage", ("evaluate", "model"), ("preprocess", "tokenize", "train")),
         Stage("publish", "pipeline.registry.publish", ("registry", "evaluate"), ("tokenize", "train", "evaluate"), has_external_output=True),
     ]
@@ -108,18 +120,19 @@ def _sections(stage: Stage, cfg: PipelineConfig) -> list[Any]:
     return [getattr(cfg, s) for s in stage.sections]
 
 
-def compute_fingerprint(name: str, cfg: PipelineConfig, parents: dict[str, Artifact]) -> str:
+def compute_fingerprint(name: str, cfg: PipelineConfig, parents: dict[str, Artifact | str]) -> str:
+    """`parents`: each parent's Artifact or just its fingerprint (all the key needs)."""
     return _fingerprint_and_content(name, cfg, parents)[0]
 
 
-def _fingerprint_and_content(name: str, cfg: PipelineConfig, parents: dict[str, Artifact]) -> tuple[str, Any]:
+def _fingerprint_and_content(name: str, cfg: PipelineConfig, parents: dict[str, Artifact | str]) -> tuple[str, Any]:
     stage = STAGES[name]
     sections = _sections(stage, cfg)
     content = _content(stage, sections)
     fp = artifacts.fingerprint(
         name,
         {s: cfg.fingerprint_section(s) for s in stage.sections},
-        {p: parents[p].fingerprint for p in stage.parents},
+        {p: parents[p] if isinstance(parents[p], str) else parents[p].fingerprint for p in stage.parents},
         code_version(stage.module),
         content,
     )
@@ -130,7 +143,7 @@ def _content(stage: Stage, sections: list[Any]) -> Any:
     """Hashes of what the stage reads from outside the pipeline (data files, tokenizer files)."""
     if not stage.has_content:
         return None
-    return stage.load().content_fingerprint(*sections)
+    return stage.load_content().content_fingerprint(*sections)
 
 
 def scratch_dir(workdir: str, name: str, fp: str) -> Path:
@@ -156,11 +169,30 @@ def materialize(
     """Load the committed output of stage `name` for these inputs, or run the stage and commit it."""
     stage = STAGES[name]
     fp = fp or compute_fingerprint(name, cfg, parents)
-    out = StageOutput(workdir, name, fp)
     start = time.perf_counter()
-    done = out.verified()  # a changed or missing file stops the run, naming it: never silent reuse
-    if done is not None and still_valid(stage, done):
+    done = committed(name, workdir, fp)
+    if done is not None:
         return StageResult(name, "cached", fp, time.perf_counter() - start, done.url, done.stats)
+    if not stage.exclusive:
+        return _run_and_commit(stage, cfg, parents, workdir, fp, start)
+    lock = scratch_dir(workdir, name, fp) / "run.lock"
+    with run_lock.held(lock, f"[{name}] {fp[:12]}", log):
+        done = committed(name, workdir, fp)  # committed by the run we waited for
+        if done is not None:
+            return StageResult(name, "cached", fp, time.perf_counter() - start, done.url, done.stats)
+        return _run_and_commit(stage, cfg, parents, workdir, fp, start)
+
+
+def committed(name: str, workdir: str, fp: str) -> Artifact | None:
+    """The committed output of `name` at `fp`, checked against its manifest (a changed or missing
+    file raises, naming it: never silent reuse), or None when there is none to reuse."""
+    done = StageOutput(workdir, name, fp).verified()
+    return done if done is not None and still_valid(STAGES[name], done) else None
+
+
+def _run_and_commit(stage: Stage, cfg: PipelineConfig, parents: dict[str, Artifact], workdir: str, fp: str, start: float) -> StageResult:
+    name = stage.name
+    out = StageOutput(workdir, name, fp)
     path = out.prepare()
     try:
         module = stage.load()
@@ -193,14 +225,66 @@ def still_valid(stage: Stage, done: Artifact) -> bool:
     return stage.load().still_valid(done) if stage.has_external_output else True
 
 
-def preflight(cfg: PipelineConfig, until: str | None = None, log: Callable[[str], None] = print) -> None:
-    """Settings that cannot work on this machine fail here, before ingest reads a byte; settings
-    that run but will disappoint are said here, once."""
-    if ORDER.index(until or ORDER[-1]) >= ORDER.index("train"):
-        from pipeline.train.stage import preflight as train_preflight
+def retryable(name: str, cfg: PipelineConfig, workdir: str) -> bool:
+    """Does a failure of this stage deserve a retry? Only where it reads or writes remote storage
+    (a dropped connection, a throttled bucket): ingest of an s3:// or hub source, publish to an
+    s3:// registry, any stage of an s3:// workdir. Never train, which resumes from its checkpoint
+    on the next run instead; a local failure is a real one and a retry only repeats it."""
+    if name == "train":
+        return False
+    if artifacts.is_remote(workdir):
+        return True
+    if name == "ingest":
+        sources = [cfg.data.source] if isinstance(cfg.data.source, str) else cfg.data.source
+        return any(artifacts.is_remote(s) or s.startswith("hf:") for s in sources)
+    return name == "publish" and artifacts.is_remote(cfg.registry.url)
 
-        for warning in train_preflight(cfg.model, cfg.train):
-            log(f"warning: {warning}")
+
+def plan(cfg: PipelineConfig, until: str | None = None) -> dict[str, str]:
+    """Each stage's fingerprint, in order, up to and including `until`. A key needs only the
+    config, the parents' keys, code and content, so the whole DAG is known before any stage runs
+    and without importing any stage's module (torch, transformers: seconds a cached run skips)."""
+    fps: dict[str, str] = {}
+    for name in ORDER:
+        fps[name] = compute_fingerprint(name, cfg, {p: fps[p] for p in STAGES[name].parents})
+        if name == until:
+            break
+    return fps
+
+
+def cached_run(cfg: PipelineConfig, workdir: str, until: str | None = None) -> list[StageResult] | None:
+    """Every planned stage's committed output if all are committed and intact, else None: the
+    run has nothing to do. Any doubt (a changed file, an unreadable manifest) answers None, so
+    the full run meets it and reports it in its usual way."""
+    artifacts.use_s3_endpoint(cfg.data.s3_endpoint_url)
+    results = []
+    try:
+        for name, fp in plan(cfg, until).items():
+            start = time.perf_counter()
+            done = committed(name, workdir, fp)
+            if done is None:
+                return None
+            results.append(StageResult(name, "cached", fp, time.perf_counter() - start, done.url, done.stats))
+    except Exception:
+        return None
+    return results
+
+
+def preflight(cfg: PipelineConfig, fingerprints: dict[str, str], workdir: str, log: Callable[[str], None] = print) -> None:
+    """Settings that cannot work on this machine fail here, before ingest reads a byte; settings
+    that run but will disappoint are said here, once. Only when training is still to be done: a
+    cached train needs neither (nor the seconds torch takes to import)."""
+    if "train" not in fingerprints:
+        return
+    try:
+        if committed("train", workdir, fingerprints["train"]) is not None:
+            return
+    except Exception:
+        pass  # the run itself will name the problem with the committed output
+    from pipeline.train.stage import preflight as train_preflight
+
+    for warning in train_preflight(cfg.model, cfg.train):
+        log(f"warning: {warning}")
 
 
 def run_stages(
@@ -210,17 +294,16 @@ def run_stages(
     log: Callable[[str], None] = print,
 ) -> list[StageResult]:
     """Run (or load) every stage in order up to and including `until`, without Prefect."""
-    preflight(cfg, until, log)
     artifacts.use_s3_endpoint(cfg.data.s3_endpoint_url)
+    fingerprints = plan(cfg, until)
+    preflight(cfg, fingerprints, workdir, log)
     results: dict[str, StageResult] = {}
-    for name in ORDER:
+    for name, fp in fingerprints.items():
         parents = {p: results[p].artifact for p in STAGES[name].parents}
-        fp, started = compute_fingerprint(name, cfg, parents), time.perf_counter()
+        started = time.perf_counter()
         try:
             results[name] = materialize(name, cfg, parents, workdir, fp=fp, log=log)
         except Exception as e:
             raise StageFailed(failed_result(name, fp, started, e), list(results.values()), e) from e
         log(f"[{name}] {results[name].status} -> {results[name].output}")
-        if name == until:
-            break
     return list(results.values())

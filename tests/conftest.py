@@ -1,6 +1,7 @@
 """Shared fixtures: `one_thread` for tiny in-process models, S3 through a real `moto_server`
-subprocess on a free port, and `slurm_cluster`, a real two-node Slurm cluster on loopback
-(tests/slurm_cluster.py; shared helpers that are not fixtures are in tiny.py).
+subprocess on a free port, `slurm_cluster`, a real two-node Slurm cluster on loopback
+(tests/slurm_cluster.py), and `prefect_server`, a real `prefect server start` with its scheduler
+on (tests/prefect_server.py). Shared helpers that are not fixtures are in tiny.py.
 
     python -m pytest -q -m integration      # the S3 and Slurm tests (and the rest of the integration tier)
 
@@ -21,6 +22,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from prefect_server import start_prefect_server
 from slurm_cluster import slurm_available, start_cluster
 
 _STARTUP_SECONDS = 30
@@ -138,6 +140,20 @@ def slurm_cluster(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A running Prefect server (`prefect_server.PrefectServer`), one per test run, with its own
+    SQLite database and its scheduler polling every second. Pass `.env()` (it holds
+    PREFECT_API_URL) to whatever runs the prefect CLI, a flow or a worker; read runs back with
+    `prefect_server.flow_runs`. tests/test_flow.py defines its own `prefect_server` (the
+    ephemeral prefect_test_harness), which wins inside that module."""
+    server = start_prefect_server(tmp_path_factory.mktemp("prefect-server"))
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory):
+def prefect_harness(tmp_path_factory):
     import os
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -32,7 +32,7 @@ def statuses(results) -> dict[str, str]:
     return {r.name: r.status for r in results}
 
 
-def test_flow_runs_caches_and_republishes_a_deleted_version(prefect_server, tmp_path, monkeypatch):
+def test_flow_runs_caches_and_republishes_a_deleted_version(prefect_harness, tmp_path, monkeypatch):
     from flows.finetune import finetune
 
     monkeypatch.chdir(REPO)
@@ -45,14 +45,14 @@ def test_flow_runs_caches_and_republishes_a_deleted_version(prefect_server, tmp_
     storage = Path(get_current_settings().results.local_storage_path).expanduser()
     stored_before = sorted(storage.rglob("*")) if storage.exists() else []
 
-    first = finetune(cfg, workdir=workdir)
+    first = finetune(cfg.model_dump(mode="json"), workdir=workdir)
     assert statuses(first) == {name: "ran" for name in statuses(first)}
     assert list(statuses(first)) == ["ingest", "sample", "preprocess", "tokenize", "train", "evaluate", "publish"]
     version_url = first[-1].stats["url"]
     assert artifacts.verify(version_url) == []
     weights = published_weights(registry).read_bytes()
 
-    second = finetune(cfg, workdir=workdir)
+    second = finetune(cfg.model_dump(mode="json"), workdir=workdir)
     assert set(statuses(second).values()) == {"cached"}
     assert [r.fingerprint for r in second] == [r.fingerprint for r in first]
     assert [r.output for r in second] == [r.output for r in first]
@@ -61,18 +61,18 @@ def test_flow_runs_caches_and_republishes_a_deleted_version(prefect_server, tmp_
 
     # A cache hit is honoured only while the committed output exists.
     shutil.rmtree(version_url)
-    third = finetune(cfg, workdir=workdir)
+    third = finetune(cfg.model_dump(mode="json"), workdir=workdir)
     assert statuses(third)["publish"] == "ran" and statuses(third)["train"] == "cached"
     assert published_weights(registry).read_bytes() == weights
 
     # Changing a training setting reuses every data stage and retrains.
-    changed = finetune(load_config(QUICKSTART, tiny_overrides(registry, **{"train.max_steps": 8, "train.lr": 5e-4})), workdir=workdir)
+    changed = finetune(cfg.model_dump(mode="json"), workdir=workdir, overrides=["train.lr=5e-4"])
     status = statuses(changed)
     assert [status[s] for s in ("ingest", "sample", "preprocess", "tokenize")] == ["cached"] * 4
     assert status["train"] == "ran" and status["publish"] == "ran"
 
 
-def test_cli_run_writes_summary_json_as_last_line(prefect_server, tmp_path, monkeypatch, capsys):
+def test_cli_run_writes_summary_json_as_last_line(prefect_harness, tmp_path, monkeypatch, capsys):
     from pipeline import cli
 
     monkeypatch.chdir(REPO)

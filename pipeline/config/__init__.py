@@ -13,6 +13,7 @@ publish.py (evaluate and registry), pipeline.py (the whole, and the keys a run i
 from pipeline.config.base import ConfigError, Section
 from pipeline.config.cluster import KubernetesConfig, SlurmConfig
 from pipeline.config.data import DataConfig, PreprocessConfig, SampleConfig, TokenizeConfig
+from pipeline.config.orchestration import PrefectConfig
 from pipeline.config.loading import apply_override, build_config, describe_fields, load_config
 from pipeline.config.pipeline import PipelineConfig, RowSpec
 from pipeline.config.publish import EvaluateConfig, RegistryConfig
@@ -21,5 +22,5 @@ from pipeline.config.train import ModelConfig, TrainConfig
 __all__ = [
     "ConfigError", "Section", "DataConfig", "SampleConfig", "PreprocessConfig", "TokenizeConfig", "ModelConfig",
     "TrainConfig", "EvaluateConfig", "RegistryConfig", "RowSpec", "PipelineConfig", "apply_override",
-    "build_config", "load_config", "describe_fields", "SlurmConfig", "KubernetesConfig",
+    "build_config", "load_config", "describe_fields", "SlurmConfig", "KubernetesConfig", "PrefectConfig",
 ]

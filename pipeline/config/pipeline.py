@@ -14,6 +14,7 @@ from pydantic import model_validator
 from pipeline.config.base import Section
 from pipeline.config.cluster import KubernetesConfig, SlurmConfig
 from pipeline.config.data import DataConfig, PreprocessConfig, SampleConfig, TokenizeConfig
+from pipeline.config.orchestration import PrefectConfig
 from pipeline.config.publish import EvaluateConfig, RegistryConfig
 from pipeline.config.train import ModelConfig, TrainConfig
 
@@ -78,6 +79,7 @@ class PipelineConfig(Section):
     registry: RegistryConfig = RegistryConfig()
     slurm: SlurmConfig = SlurmConfig()
     kubernetes: KubernetesConfig = KubernetesConfig()
+    prefect: PrefectConfig = PrefectConfig()
 
     @model_validator(mode="after")
     def _train_options_agree(self) -> "PipelineConfig":

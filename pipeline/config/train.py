@@ -36,7 +36,7 @@ class TrainConfig(Section):
     # with 1 node x 2 processes (they train bit-identical weights).
     not_fingerprinted: ClassVar[frozenset[str]] = frozenset({
         "save_every_steps", "keep_last_checkpoints", "log_every_steps", "nnodes", "nproc_per_node",
-        "rdzv_endpoint", "rdzv_id", "rdzv_port", "launcher", "checkpoint_dir",
+        "rdzv_endpoint", "rdzv_id", "rdzv_port", "launcher", "checkpoint_dir", "max_concurrent",
     })
 
     seed: int = 0
@@ -136,6 +136,12 @@ class TrainConfig(Section):
     """Where resumable checkpoints go: a folder every node sees, or a URL (s3://bucket/ckpt); a
     run's checkpoints are kept under `<checkpoint_dir>/train/<fingerprint>/`. Default: the stage's
     scratch beside the workdir (on S3 for an s3:// workdir), so a requeued job on any node resumes."""
+
+    max_concurrent: int = Field(1, gt=0)
+    """Train stages (of any config) that may run at once among the Prefect runs of one work pool;
+    the rest queue (Prefect global concurrency limit `tunepipe-train-<pool>`). 1: two overlapping
+    scheduled runs never share the GPUs. Runs of one config also never train at once into one
+    checkpoint folder, whatever this says (a lock beside the checkpoints)."""
 
     @property
     def world_size(self) -> int:

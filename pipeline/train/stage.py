@@ -11,11 +11,11 @@ it (train/job_output.py), also when a later run finds a job's model that an earl
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,23 +24,12 @@ from pipeline.cluster import slurm
 from pipeline.cluster.torchrun import rendezvous_id, torchrun_command
 from pipeline.config import ModelConfig, SlurmConfig, TrainConfig
 from pipeline.train import job_output
+from pipeline.train.fingerprint import content_fingerprint  # noqa: F401 (the stage's; light for cache checks)
 from pipeline.train.preemption import STOPPED_EXIT_CODE
 
 
 class TrainingFailed(RuntimeError):
     pass
-
-
-def content_fingerprint(model: ModelConfig, train: TrainConfig, slurm: SlurmConfig) -> dict[str, str]:
-    """Library versions (a new torch or transformers can change the weights for the same inputs),
-    read from package metadata, not by importing them, to keep fingerprinting cheap; and the
-    DeepSpeed JSON a run uses, which may be a user's own file edited between runs."""
-    found = {name: importlib.metadata.version(name) for name in ("torch", "transformers")}
-    if train.strategy == "deepspeed":
-        from pipeline.train.parallel.zero_config import config_digest
-
-        found["deepspeed_config"] = config_digest(train.deepspeed_config)
-    return found
 
 
 @dataclass(frozen=True)
@@ -166,12 +155,31 @@ def launch(cmd: list[str]) -> None:
     if sys.stdout.isatty():
         env["TUNEPIPE_PROGRESS"] = "1"  # the job's stderr is a pipe; tell it a person is watching
     with subprocess.Popen(bound_to_this_process(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
-        tail = _relay(proc)
-        code = proc.wait()
+        try:
+            tail = _relay(proc)
+            code = proc.wait()
+        except BaseException:  # a stage timeout, a cancelled flow run, Ctrl-C
+            _stop(proc)
+            raise
     if code == STOPPED_EXIT_CODE:
         raise TrainingFailed("training was stopped by a signal after writing a checkpoint; rerun to resume")
     if code != 0:
         raise TrainingFailed(f"training exited with code {code}; last lines:\n" + "".join(tail))
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
+    """SIGTERM torchrun, which passes it to the ranks: they finish the step, checkpoint together
+    and exit (preemption.py), so the next run resumes. Keep relaying their output meanwhile (a
+    full pipe would block them); SIGKILL after `grace_s`."""
+    proc.terminate()
+    killer = threading.Timer(grace_s, proc.kill)
+    killer.start()
+    try:
+        _relay(proc)
+        proc.wait()
+    finally:
+        killer.cancel()
+    print(f"[train] stopped the training job (exit code {proc.returncode}); a rerun resumes from its last checkpoint", flush=True)
 
 
 def run_on_slurm(train: TrainConfig, slurm_cfg: SlurmConfig, plan: JobPlan, scratch: Path) -> None:

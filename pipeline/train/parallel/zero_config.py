@@ -15,7 +15,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from pipeline.config import TrainConfig
 
@@ -61,6 +60,8 @@ def _wants_bf16(cfg: TrainConfig, device_type: str) -> bool:
     if cfg.precision == "bf16":
         return True
     if cfg.precision == "auto":
+        import torch  # here, not at the top: config_digest is on a cached run's path, which skips torch
+
         return device_type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return False
 

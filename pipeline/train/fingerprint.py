@@ -1,0 +1,22 @@
+"""What the train stage reads from outside its inputs, for its fingerprint; light on purpose.
+
+A cache check imports this module, not `train/stage.py` (which imports torch): a fully cached run
+then never pays torch's import. Library versions come from package metadata for the same reason.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+from pipeline.config import ModelConfig, SlurmConfig, TrainConfig
+
+
+def content_fingerprint(model: ModelConfig, train: TrainConfig, slurm: SlurmConfig) -> dict[str, str]:
+    """Library versions (a new torch or transformers can change the weights for the same inputs)
+    and the DeepSpeed JSON a run uses, which may be a user's own file edited between runs."""
+    found = {name: importlib.metadata.version(name) for name in ("torch", "transformers")}
+    if train.strategy == "deepspeed":
+        from pipeline.train.parallel.zero_config import config_digest
+
+        found["deepspeed_config"] = config_digest(train.deepspeed_config)
+    return found
