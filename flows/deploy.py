@@ -93,7 +93,23 @@ def prefect_yaml(d: Deployment) -> str:
     header = (f"# Made by `tunepipe deploy --print`: `prefect deploy --name {d.name}` in this folder creates the same\n"
               f"# deployment. Its first run creates the pool's train limit tunepipe-train-{d.pool} ({d.max_concurrent} at once)\n"
               f"# if there is none; `tunepipe deploy` also resizes an existing one.\n")
-    return header + yaml.safe_dump(document, sort_keys=False, width=120)
+    return header + dump_yaml(document)
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _str(dumper: yaml.SafeDumper, value: str):
+    # Templates span lines: show them as the YAML a person writes (a `|` block), not as "\n" soup.
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def dump_yaml(document: Any) -> str:
+    return yaml.dump(document, Dumper=_Dumper, sort_keys=False, width=120, allow_unicode=True)
 
 
 def apply(d: Deployment) -> str:

@@ -47,6 +47,7 @@ EXPECTED_COMMANDS = [
     "tunepipe run examples/quickstart.yaml --set train.strategy=deepspeed --set train.deepspeed_config=zero3",
     "tunepipe stage tokenize examples/quickstart.yaml",
     "tunepipe config --keys",
+    'tunepipe deploy examples/quickstart.yaml --name nightly --cron "0 3 * * *" --print',
     "tunepipe registry list --registry registry",
     "tunepipe registry verify quickstart-gpt2 <version> --registry registry",
     "tunepipe registry pull quickstart-gpt2 <version> ./my-model --registry registry",
@@ -313,6 +314,20 @@ def check_config_keys(session: Session, shown: Shown, ran: Ran) -> None:
     assert listed == keys and {"train.lr", "train.deepspeed_config", "registry.url"} <= set(listed)
 
 
+def check_deploy_print(session: Session, shown: Shown, ran: Ran) -> None:
+    # --print contacts no server: the prefect.yaml of a nightly deployment of the quickstart.
+    import yaml
+
+    from pipeline.config import build_config, load_config
+
+    assert ran.returncode == 0, ran.describe()
+    [deployment] = yaml.safe_load(ran.stdout)["deployments"]
+    assert deployment["name"] == "nightly" and deployment["schedules"] == [{"cron": "0 3 * * *", "timezone": "UTC"}]
+    assert deployment["entrypoint"] == "flows.finetune.finetune" and deployment["work_pool"] == {"name": "tunepipe"}
+    config = build_config(deployment["parameters"]["config"], deployment["parameters"]["overrides"])
+    assert config == load_config(REPO / "examples" / "quickstart.yaml")
+
+
 def check_registry(session: Session, shown: Shown, ran: Ran) -> None:
     from pipeline.cli import build_parser
 
@@ -386,7 +401,8 @@ def checker(shown: Shown):
     if words[:2] == ["python", "examples/debian_corpus.py"]:
         return check_debian_corpus
     if words[0] == "tunepipe":
-        return {"run": check_pipeline_run, "stage": check_stage, "config": check_config_keys, "registry": check_registry}[words[1]]
+        return {"run": check_pipeline_run, "stage": check_stage, "config": check_config_keys, "registry": check_registry,
+                "deploy": check_deploy_print}[words[1]]
     raise AssertionError(f"{shown.command!r}: no check for it")
 
 
