@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny import QUICKSTART, REPO, cli_args, cli_command, run_ok, stage_status, summary_of, tiny_overrides
+from tiny import QUICKSTART, REPO, cli_args, cli_command, stage_status, summary_of, tiny_overrides
 
 from pipeline import cli, run_report, stages
 from pipeline.config import ConfigError, build_config, load_config
