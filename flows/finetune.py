@@ -38,7 +38,10 @@ def train_limit_name(pool: str | None) -> str:
     return f"tunepipe-train-{pool or DEFAULT_POOL}"
 
 
-def _run_stage(name: str, fingerprint: str, cfg: PipelineConfig, parents: dict, workdir: str, limit: str | None) -> StageResult:
+def _run_stage(name: str, fingerprint: str | None, cfg: PipelineConfig, parents: dict, workdir: str, limit: str | None) -> StageResult:
+    # No fingerprint: the plan could not take this stage's key (a source that is missing or
+    # unreachable). Taken here, it fails (and is retried) as this stage, not as the flow.
+    fingerprint = fingerprint or stages.compute_fingerprint(name, cfg, parents)
     if limit is None or stages.committed(name, workdir, fingerprint) is not None:
         return stages.materialize(name, cfg, parents, workdir, fp=fingerprint)
     # Queue behind the pool's other train stages. A cached train (above) never waits for a slot.
@@ -51,7 +54,7 @@ def stage_task(name: str):
     return task(
         _run_stage,
         name=name,
-        task_run_name=f"{name}-{{fingerprint:.12}}",
+        task_run_name=lambda parameters: f"{name}-{(parameters['fingerprint'] or 'unplanned')[:12]}",
         cache_policy=NO_CACHE,
         persist_result=False,
         log_prints=True,
@@ -98,17 +101,18 @@ def finetune(
     """Run (or load from the cache) every stage of `config` with `overrides` applied, in `workdir`."""
     cfg = build_config(config, overrides or [])
     artifacts.use_s3_endpoint(cfg.data.s3_endpoint_url)
-    fingerprints = stages.plan(cfg, until)
+    fingerprints, _ = stages.plan_partial(cfg, until)
     stages.preflight(cfg, fingerprints, workdir)
     limit = _train_limit(cfg) if train_limit else None
     results: dict[str, StageResult] = {}
-    for name, fp in fingerprints.items():
+    for name in stages.stage_names(until):
         parents = {p: results[p].artifact for p in stages.STAGES[name].parents}
         start = time.perf_counter()
+        fp = fingerprints.get(name)  # None past a stage whose key the plan could not take: the task takes it
         try:
             result: StageResult = task_for(name, cfg, workdir)(name, fp, cfg, parents, workdir, limit if name == "train" else None)
         except Exception as e:
-            failed = stages.StageFailed(stages.failed_result(name, fp, start, e), list(results.values()), e)
+            failed = stages.StageFailed(stages.failed_result(name, fp or "", start, e), list(results.values()), e)
             _publish_report(cfg, failed.results, workdir)
             raise failed from e
         results[name] = result

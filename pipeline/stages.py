@@ -240,16 +240,33 @@ def retryable(name: str, cfg: PipelineConfig, workdir: str) -> bool:
     return name == "publish" and artifacts.is_remote(cfg.registry.url)
 
 
+def stage_names(until: str | None = None) -> list[str]:
+    """The stages a run goes through, in order, up to and including `until`."""
+    return ORDER[: ORDER.index(until) + 1] if until else list(ORDER)
+
+
 def plan(cfg: PipelineConfig, until: str | None = None) -> dict[str, str]:
     """Each stage's fingerprint, in order, up to and including `until`. A key needs only the
     config, the parents' keys, code and content, so the whole DAG is known before any stage runs
-    and without importing any stage's module (torch, transformers: seconds a cached run skips)."""
-    fps: dict[str, str] = {}
-    for name in ORDER:
-        fps[name] = compute_fingerprint(name, cfg, {p: fps[p] for p in STAGES[name].parents})
-        if name == until:
-            break
+    and without importing any stage's module (torch, transformers: seconds a cached run skips).
+    Raises what the first stage whose key cannot be taken raised (a missing data file)."""
+    fps, failure = plan_partial(cfg, until)
+    if failure is not None:
+        raise failure[1]
     return fps
+
+
+def plan_partial(cfg: PipelineConfig, until: str | None = None) -> tuple[dict[str, str], tuple[str, Exception] | None]:
+    """As `plan`, but stops at the first stage whose key cannot be taken, and says which and why.
+    The runners then take that stage's key inside the stage itself, so its failure is reported
+    (and, for remote storage, retried) as that stage's."""
+    fps: dict[str, str] = {}
+    for name in stage_names(until):
+        try:
+            fps[name] = compute_fingerprint(name, cfg, {p: fps[p] for p in STAGES[name].parents})
+        except Exception as e:
+            return fps, (name, e)
+    return fps, None
 
 
 def cached_run(cfg: PipelineConfig, workdir: str, until: str | None = None) -> list[StageResult] | None:
@@ -295,15 +312,16 @@ def run_stages(
 ) -> list[StageResult]:
     """Run (or load) every stage in order up to and including `until`, without Prefect."""
     artifacts.use_s3_endpoint(cfg.data.s3_endpoint_url)
-    fingerprints = plan(cfg, until)
+    fingerprints, _ = plan_partial(cfg, until)
     preflight(cfg, fingerprints, workdir, log)
     results: dict[str, StageResult] = {}
-    for name, fp in fingerprints.items():
+    for name in stage_names(until):
         parents = {p: results[p].artifact for p in STAGES[name].parents}
         started = time.perf_counter()
+        fp = fingerprints.get(name)  # None past a stage whose key could not be taken: taken inside, below
         try:
             results[name] = materialize(name, cfg, parents, workdir, fp=fp, log=log)
         except Exception as e:
-            raise StageFailed(failed_result(name, fp, started, e), list(results.values()), e) from e
+            raise StageFailed(failed_result(name, fp or "", started, e), list(results.values()), e) from e
         log(f"[{name}] {results[name].status} -> {results[name].output}")
     return list(results.values())

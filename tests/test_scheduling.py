@@ -27,7 +27,7 @@ from pathlib import Path
 from uuid import uuid4
 
 import pytest
-from prefect_server import flow_runs, task_runs
+import prefect_server as server_api
 from tiny import QUICKSTART, REPO, cli_command, tiny_overrides
 
 from pipeline.config import load_config
@@ -40,6 +40,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 # 2 s early (default 10 s), so a test waits on the pipeline, not on polling.
 WORKER_ENV = {"PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
 RUN_TIMEOUT_S = 150
+# Half the tiny config's steps: these tests look at what runs when, not at what the model learns.
+STEPS = {"train.max_steps": 20}
 STAGES = ["ingest", "sample", "preprocess", "tokenize", "train", "evaluate", "publish"]
 NEW_ROWS = [
     (f"Hi, this is Quentin {i}. Can I swap the strap on my TrailWatch {i} for a bigger size?",
@@ -50,16 +52,46 @@ NEW_ROWS = [
 
 # ---------------------------------------------------------------- the server's REST API
 
+BUSY_TRIES = 20
+
+
+def retried(call):
+    """call(), again while the server answers 503: its SQLite database is locked now and then while
+    flow runs write to it ("database is locked"), and Prefect's own client retries a 503 too."""
+    for attempt in range(BUSY_TRIES):
+        try:
+            return call()
+        except urllib.error.HTTPError as e:
+            if e.code != 503 or attempt == BUSY_TRIES - 1:
+                raise
+            time.sleep(0.5)
+
+
+def flow_runs(server, deployment_name: str | None = None) -> list[dict]:
+    return retried(lambda: server_api.flow_runs(server, deployment_name))
+
+
+def task_runs(server, flow_run_id: str) -> list[dict]:
+    return retried(lambda: server_api.task_runs(server, flow_run_id))
+
+
+def runs_named(server, name: str) -> list[dict]:
+    return ok(server, "POST", "/flow_runs/filter", {"flow_runs": {"name": {"any_": [name]}}})
+
 
 def api(server, method: str, route: str, body: dict | None = None) -> tuple[int, object]:
-    """(HTTP status, decoded JSON or None) of one request; an error status is returned, not raised."""
+    """(HTTP status, decoded JSON or None) of one request; an error status other than a passing 503
+    is returned, not raised."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(server.url + route, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+
+    def request():
+        sent = urllib.request.Request(server.url + route, data=data, method=method, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(sent, timeout=30) as response:
             raw = response.read()
             return response.status, json.loads(raw) if raw else None
+
+    try:
+        return retried(request)
     except urllib.error.HTTPError as e:
         return e.code, None
 
@@ -212,7 +244,7 @@ def test_a_schedule_runs_then_caches_then_picks_up_new_rows(prefect_server, tmp_
     server, model = prefect_server, "sched"
     name, pool = f"every5s-{uuid4().hex[:6]}", f"pool-{uuid4().hex[:6]}"
     data, workdir, registry = tiny_data(tmp_path), tmp_path / "runs", tmp_path / "registry"
-    overrides = tiny_overrides(registry, **{"data.source": data, "registry.model_name": model})
+    overrides = tiny_overrides(registry, **{"data.source": data, "registry.model_name": model}, **STEPS)
     expected_name = run_name(load_config(QUICKSTART, overrides))
     assert re.fullmatch(rf"{model}-[0-9a-f]{{8}}", expected_name)
 
@@ -223,7 +255,7 @@ def test_a_schedule_runs_then_caches_then_picks_up_new_rows(prefect_server, tmp_
     assert deployment["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(tmp_path)}}]
     assert deployment["parameters"]["workdir"] == str(workdir) and deployment["parameters"]["overrides"] == []
     config = deployment["parameters"]["config"]
-    assert config["data"]["source"] == str(data) and config["train"]["max_steps"] == 40
+    assert config["data"]["source"] == str(data) and config["train"]["max_steps"] == 20
     assert config == load_config(QUICKSTART, overrides).model_dump(mode="json")
     assert [s["schedule"]["interval"] for s in deployment["schedules"]] == [5.0]
     assert train_limit(server, pool)["limit"] == 1
@@ -253,13 +285,16 @@ def test_a_schedule_runs_then_caches_then_picks_up_new_rows(prefect_server, tmp_
             def after_append(runs):
                 return [r for r in completed(runs) if when(r["start_time"]) > appended]
 
+            # A run that started before the append may still have read the file after it (its plan
+            # comes a few seconds after its start): so of the runs that ended after the append,
+            # exactly one ran every stage on the new rows, and any other was all cached.
             runs = wait_for_runs(server, name, log, after_append, "a completed run started after the append")
-            fresh = after_append(runs)[0]
-            statuses = stage_statuses(report_of(server, fresh, model))
-            assert statuses == {stage: "ran" for stage in STAGES}, statuses
+            since = [stage_statuses(report_of(server, r, model)) for r in completed(runs) if when(r["end_time"]) > appended]
+            ran, cached = ({stage: status for stage in STAGES} for status in ("ran", "cached"))
+            assert since.count(ran) == 1 and since.count(ran) + since.count(cached) == len(since), since
             assert len(versions(registry, model)) == 2 and published in versions(registry, model), versions(registry, model)
 
-            # Stop the schedule before the worker: no new runs, and none half-run when it goes.
+            # Stop the schedule while the worker still runs: nothing makes new runs once it is gone.
             assert api(server, "DELETE", f"/deployments/{deployment_id}")[0] == 204
             assert deployment_named(server, name) == []
     finally:
@@ -274,6 +309,8 @@ def test_a_schedule_runs_then_caches_then_picks_up_new_rows(prefect_server, tmp_
         assert sorted(tasks) == sorted(STAGES), sorted(tasks)
         assert all(re.fullmatch(rf"{stage}-[0-9a-f]{{12}}", tasks[stage]["name"]) for stage in STAGES)
         trains.append(interval(tasks["train"]))
+    # With --limit 1 the worker alone keeps these apart; here it shows only that no run of the
+    # schedule was started twice. The train limit's own test is the next-but-one.
     assert_disjoint(trains, "train task runs")
     assert train_limit(server, pool)["active_slots"] == 0
 
@@ -281,7 +318,7 @@ def test_a_schedule_runs_then_caches_then_picks_up_new_rows(prefect_server, tmp_
     done = tunepipe(server, tmp_path, "run", str(QUICKSTART), "--workdir", str(workdir), *set_args(overrides))
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"tunepipe: running on the Prefect server at {server.url}" in done.stderr
-    ad_hoc = [r for r in flow_runs(server) if r["name"] == expected_name and r["deployment_id"] is None]
+    ad_hoc = [r for r in runs_named(server, expected_name) if r["deployment_id"] is None]
     assert [r["state_type"] for r in ad_hoc] == ["COMPLETED"]
     report = report_of(server, ad_hoc[0], model)
     assert stage_statuses(report) == {stage: "cached" for stage in STAGES}, report
@@ -304,7 +341,7 @@ def test_overlapping_runs_queue_for_the_train_slot(prefect_server, tmp_path):
     server, model = prefect_server, "queue"
     name, pool = f"byhand-{uuid4().hex[:6]}", f"pool-{uuid4().hex[:6]}"
     workdir, registry = tmp_path / "runs", tmp_path / "registry"
-    overrides = tiny_overrides(registry, **{"data.source": tiny_data(tmp_path), "registry.model_name": model})
+    overrides = tiny_overrides(registry, **{"data.source": tiny_data(tmp_path), "registry.model_name": model}, **STEPS)
     deployment_id = deploy(server, tmp_path, name, pool, workdir, overrides)
     [deployment] = deployment_named(server, name)
     assert deployment["schedules"] == []
@@ -358,7 +395,7 @@ def failing_run(server, tmp_path: Path, source: str, retries: int = 2) -> tuple[
     done = tunepipe(server, tmp_path, "run", str(QUICKSTART), "--workdir", str(tmp_path / "runs"), *set_args(overrides))
     assert f"tunepipe: running on the Prefect server at {server.url}" in done.stderr, done.stderr
     expected = run_name(load_config(QUICKSTART, overrides))
-    [run] = [r for r in flow_runs(server) if r["name"] == expected]
+    [run] = runs_named(server, expected)
     return done, run, task_runs(server, run["id"])
 
 
@@ -388,8 +425,16 @@ def test_a_failing_remote_ingest_is_retried_then_names_its_stage(prefect_server,
 
 def test_a_missing_remote_source_is_retried_then_names_its_stage(prefect_server, tmp_path, s3_bucket):
     done, run, tasks = failing_run(prefect_server, tmp_path, f"s3://{s3_bucket}/not-there.csv")
-    assert done.returncode == 1, done.stdout + done.stderr
-    assert run["state_type"] == "FAILED"
-    assert "StageFailed: ingest stage failed: " in run["state"]["message"], run["state"]["message"]
-    assert "ingest stage failed" in done.stderr.strip().splitlines()[-1], done.stderr[-3000:]
-    assert [(t["name"].split("-")[0], t["run_count"]) for t in tasks] == [("ingest", 3)]
+    observed = {"exit": done.returncode, "state": run["state_type"], "message": run["state"]["message"],
+                "last line": done.stderr.strip().splitlines()[-1], "tasks": [(t["name"], t["run_count"]) for t in tasks]}
+    shown = json.dumps(observed, indent=1)
+    assert observed["exit"] == 1 and observed["state"] == "FAILED", shown
+    assert "StageFailed: ingest stage failed: " in observed["message"], shown
+    assert "ingest stage failed" in observed["last line"], shown
+    # The plan could not take ingest's key (nothing to hash): the ingest task takes it, and fails as ingest.
+    assert observed["tasks"] == [("ingest-unplanned", 3)], shown
+
+    # A missing local file is a real failure: reported the same way, never retried.
+    done, run, tasks = failing_run(prefect_server, tmp_path / "local", str(tmp_path / "not-there.csv"))
+    assert done.returncode == 1 and "ingest stage failed" in done.stderr.strip().splitlines()[-1], done.stderr
+    assert [(t["name"], t["run_count"]) for t in tasks] == [("ingest-unplanned", 1)]
