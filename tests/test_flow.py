@@ -1,4 +1,5 @@
-"""The Prefect flow end to end on one shared ephemeral server (prefect_test_harness)."""
+"""The Prefect flow end to end, in this process, on the session's real Prefect server
+(conftest.py's `prefect_server`): the flow is called as a function, as a script would call it."""
 
 from __future__ import annotations
 
@@ -12,20 +13,23 @@ from tiny import QUICKSTART, REPO, published_weights, tiny_overrides
 from pipeline import artifacts
 from pipeline.config import load_config
 
-# Slow: the ephemeral Prefect server starts (~8 s), then whole pipelines run under it.
+# Slow: whole pipelines run under Prefect.
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-@pytest.fixture(scope="session")
-def prefect_harness(tmp_path_factory):
-    import os
+@pytest.fixture
+def prefect_harness(prefect_server, monkeypatch):
+    """Prefect's client in this process pointed at the shared server, for one test."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
 
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    from prefect.testing.utilities import prefect_test_harness
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
 
-    with prefect_test_harness(server_startup_timeout=180):
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.url, PREFECT_SERVER_ANALYTICS_ENABLED: False}):
         yield
+        # Send the test's log lines and events now: at exit, the server they were meant for is gone.
+        APILogWorker.drain_all(timeout=10)
+        EventsWorker.drain_all(timeout=10)
 
 
 def statuses(results) -> dict[str, str]:

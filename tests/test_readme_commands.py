@@ -161,16 +161,16 @@ class Ran:
 class Session:
     """One workdir, registry and Prefect home for every README command; results kept by command."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, prefect_server):
         self.root = root
         self.workdir = root / "runs"  # the README's default --workdir, `runs`, moved here
         self.registry = root / "registry"
         bin_dir = REPO / ".venv" / "bin"
         bin_dir = bin_dir if bin_dir.is_dir() else Path(sys.executable).parent
-        self.env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
-        # Its own Prefect database: `tunepipe run` starts a temporary Prefect server on it, and a
-        # database shared with another run of the suite could be locked by that one.
-        self.env["PREFECT_HOME"] = str(root / "prefect")
+        # `tunepipe run` records its flow runs on the session's Prefect server (PREFECT_API_URL),
+        # as docs/scheduling.md shows, instead of starting a temporary server per command (~6 s
+        # each); the temporary server's path is covered by test_error_lines.py and test_flow.py.
+        self.env = prefect_server.env({"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"})
         self.results: dict[str, Ran] = {}
 
     # -- what stands in for the README's placeholders and checkout-relative paths
@@ -244,8 +244,8 @@ def prerequisites(command: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def session(tmp_path_factory) -> Session:
-    return Session(tmp_path_factory.mktemp("readme"))
+def session(tmp_path_factory, prefect_server) -> Session:
+    return Session(tmp_path_factory.mktemp("readme"), prefect_server)
 
 
 def same_value(used, shown: str) -> bool:

@@ -438,3 +438,39 @@ def test_a_missing_remote_source_is_retried_then_names_its_stage(prefect_server,
     done, run, tasks = failing_run(prefect_server, tmp_path / "local", str(tmp_path / "not-there.csv"))
     assert done.returncode == 1 and "ingest stage failed" in done.stderr.strip().splitlines()[-1], done.stderr
     assert [(t["name"], t["run_count"]) for t in tasks] == [("ingest-unplanned", 1)]
+
+
+def test_a_train_timeout_stops_the_job_with_a_checkpoint_and_the_next_run_resumes(prefect_server, tmp_path):
+    """`prefect.timeout_s.train`: Prefect fails the train task when its time is up; the stage
+    stops torchrun with SIGTERM, the rank checkpoints, no process of the job is left, and the
+    next run (no timeout) resumes from that checkpoint instead of starting again."""
+    import psutil
+
+    workdir = tmp_path / "runs"
+    # The quickstart's model size, ~15 steps/s here: 250 steps take longer than the timeout
+    # (torchrun's start included), so the run is stopped part-way through, then resumed.
+    size = {"model.n_layer": 2, "model.n_head": 4, "model.n_embd": 128, "tokenize.block_size": 128, "train.micro_batch_size": 8}
+    overrides = tiny_overrides(tmp_path / "registry", **{**size, "train.max_steps": 250, "train.save_every_steps": 1000,
+                                                        "registry.model_name": "timeout"})
+    done = tunepipe(prefect_server, tmp_path, "run", str(QUICKSTART), "--workdir", str(workdir),
+                    *set_args([*overrides, 'prefect.timeout_s={"train": 12}']))
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("tunepipe: train stage failed: ") and "timed out" in last, done.stderr[-2000:]
+    assert "[train] stopped the training job" in done.stdout + done.stderr
+    [run] = runs_named(prefect_server, run_name(load_config(QUICKSTART, overrides)))
+    assert run["state_type"] == "FAILED" and "train stage failed" in run["state"]["message"]
+    assert [t["run_count"] for t in task_runs(prefect_server, run["id"]) if t["name"].startswith("train-")] == [1]  # never retried
+    # Nothing of the job is left running, and it checkpointed when it was stopped (save_every is 1000).
+    scratch = workdir / "scratch" / "train"
+    leftovers = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"]) if str(scratch) in " ".join(p.info["cmdline"] or [])]
+    assert leftovers == []
+    [checkpoint] = [p for p in scratch.glob("*/checkpoints/step_*") if (p / "COMPLETE").exists()]
+    stopped_at = int(checkpoint.name.removeprefix("step_"))
+    assert 0 < stopped_at < 250
+
+    again = tunepipe(prefect_server, tmp_path, "run", str(QUICKSTART), "--workdir", str(workdir), *set_args(overrides))
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    summary = json.loads(Path(again.stdout.strip().splitlines()[-1]).read_text())
+    train = next(s for s in summary["stages"] if s["name"] == "train")
+    assert train["status"] == "resumed" and train["stats"]["resumed_from_step"] == stopped_at
