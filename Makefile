@@ -24,8 +24,10 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/tunepipe run examples/quickstart.yaml
 
+# Two workers: most heavy tests wait on subprocesses (torchrun, Prefect, Slurm), not on a core.
+# Each test file stays in one worker (tests/conftest.py); `pytest -q` alone runs them one by one.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not integration and not slow"

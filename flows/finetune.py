@@ -103,7 +103,8 @@ def finetune(
     artifacts.use_s3_endpoint(cfg.data.s3_endpoint_url)
     fingerprints, _ = stages.plan_partial(cfg, until)
     stages.preflight(cfg, fingerprints, workdir)
-    limit = _train_limit(cfg) if train_limit else None
+    # Every node of a run started by hand runs this flow for its share: they must start together.
+    limit = _train_limit(cfg) if train_limit and not cfg.train.started_on_every_node else None
     results: dict[str, StageResult] = {}
     for name in stages.stage_names(until):
         parents = {p: results[p].artifact for p in stages.STAGES[name].parents}

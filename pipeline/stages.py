@@ -61,10 +61,10 @@ class Stage:
     """Where `content_fingerprint` lives when `module` is too heavy to import just to check the
     cache (train's imports torch: seconds a fully cached run must not pay). `module` imports it
     too, so its source stays in the stage's code version."""
-    exclusive: bool = False
-    """One process at a time runs this stage for a fingerprint (a lock in its local scratch): two
-    runs of one config must never train into the same checkpoint folder. The second waits, then
-    finds the first one's committed output."""
+    exclusive: Callable[[PipelineConfig], bool] | None = None
+    """For which configs one process at a time runs this stage for a fingerprint (a lock in its
+    local scratch): two runs of one config must never train into the same checkpoint folder. The
+    second waits, then finds the first one's committed output."""
 
     def load(self):
         return importlib.import_module(self.module)
@@ -84,7 +84,9 @@ STAGES: dict[str, Stage] = {
         Stage("tokenize", "pipeline.data.tokenize", ("tokenize", "model", "row_spec"), ("preprocess",), has_content=True),
         # slurm: where the job runs, never part of the fingerprint (config/cluster.py).
         Stage("train", "pipeline.train.stage", ("model", "train", "slurm"), ("tokenize",), has_content=True, shared_scratch=True,
-              content_module="pipeline.train.fingerprint", exclusive=True),
+              content_module="pipeline.train.fingerprint",
+              # Not when every node runs its own share of one job: they must all start at once.
+              exclusive=lambda cfg: not cfg.train.started_on_every_node),
         Stage("evaluate", "pipeline.evaluate.stage", ("evaluate", "model"), ("preprocess", "tokenize", "train")),
         Stage("publish", "pipeline.registry.publish", ("registry", "evaluate"), ("tokenize", "train", "evaluate"), has_external_output=True),
     ]
@@ -173,7 +175,7 @@ def materialize(
     done = committed(name, workdir, fp)
     if done is not None:
         return StageResult(name, "cached", fp, time.perf_counter() - start, done.url, done.stats)
-    if not stage.exclusive:
+    if stage.exclusive is None or not stage.exclusive(cfg):
         return _run_and_commit(stage, cfg, parents, workdir, fp, start)
     lock = scratch_dir(workdir, name, fp) / "run.lock"
     with run_lock.held(lock, f"[{name}] {fp[:12]}", log):

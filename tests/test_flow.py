@@ -93,3 +93,18 @@ def test_cli_run_writes_summary_json_as_last_line(prefect_harness, tmp_path, mon
     assert summary["registry_version"] and artifacts.verify(summary["registry_version"]) == []
     ingest = summary["stages"][0]["stats"]
     assert ingest["rows_in"] == ingest["rows_out"] + ingest["rows_rejected"] == 3000
+
+
+def test_run_time_parameters_meet_the_cli_validation(prefect_harness, tmp_path):
+    """A deployment's run may pass other parameters; a bad key fails the run naming it, before any stage."""
+    from flows.finetune import finetune
+
+    from pipeline.config import ConfigError
+
+    cfg = load_config(QUICKSTART, tiny_overrides(tmp_path / "registry"))
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.max_stpes' \(did you mean 'train.max_steps'\?\)"):
+        finetune(cfg.model_dump(mode="json"), workdir=str(tmp_path / "runs"), overrides=["train.max_stpes=3"])
+    bad_config = {**cfg.model_dump(mode="json"), "trian": {"lr": 1.0}}
+    with pytest.raises(ConfigError, match="trian"):
+        finetune(bad_config, workdir=str(tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()

@@ -144,6 +144,12 @@ class TrainConfig(Section):
     checkpoint folder, whatever this says (a lock beside the checkpoints)."""
 
     @property
+    def started_on_every_node(self) -> bool:
+        """Each node runs its own `tunepipe` for its share of one job (launcher local, several
+        nodes): the processes of one run then must not wait for each other's lock or slot."""
+        return self.launcher == "local" and self.nnodes > 1
+
+    @property
     def world_size(self) -> int:
         return self.nnodes * self.nproc_per_node
 
