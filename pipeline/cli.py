@@ -29,6 +29,8 @@ EPILOG = """examples:
   tunepipe stage tokenize examples/quickstart.yaml           # one stage and what it needs, no Prefect
   tunepipe registry list --registry registry
   tunepipe registry pull quickstart-gpt2 <version> ./model-copy
+  tunepipe registry promote quickstart-gpt2@latest --to production --max perplexity=2.0
+  tunepipe registry pull quickstart-gpt2@production ./model-copy
   tunepipe registry push runs/by-hand/model my-model v1      # a folder made anywhere, as a version
   tunepipe run examples/quickstart.yaml --set train.launcher=slurm --set train.nnodes=2   # train as a Slurm job
   tunepipe slurm script examples/quickstart.yaml --set train.nnodes=2 > train.sbatch     # the same job, by hand
@@ -61,24 +63,32 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("name", choices=ORDER)
     _add_config_args(stage)
 
-    registry = sub.add_parser("registry", help="list, pull, verify or push published versions")
+    registry = sub.add_parser("registry", help="list, pull, verify, push, alias or promote published versions",
+                              description="A model is named MODEL VERSION, or MODEL@VERSION, or MODEL@ALIAS "
+                              "(`latest` is moved by every publish; others by `alias` and `promote`).")
     registry_sub = registry.add_subparsers(dest="registry_command", required=True)
     commands = [
-        ("list", "list published versions"),
-        ("pull", "copy a version into a new folder and verify it"),
-        ("verify", "check a version's files against its manifest"),
-        ("push", "publish a model folder made anywhere (a hand-run torchrun, another tool) as a version"),
+        ("list", "list published versions and their aliases", []),
+        ("pull", "copy a version into a new folder and verify it", ["MODEL[@X] [VERSION]", "DEST"]),
+        ("verify", "check a version's files against its manifest", ["MODEL[@X] [VERSION]"]),
+        ("push", "publish a model folder made anywhere (a hand-run torchrun, another tool) as a version", []),
+        ("alias", "point ALIAS at a version (no checks; see promote); every move is kept", ["MODEL[@X] [VERSION]", "ALIAS"]),
+        ("promote", "re-verify a version and re-check its gate (and --min/--max), then move an alias to it", ["MODEL[@X] [VERSION]"]),
+        ("history", "every move of an alias, oldest first", ["MODEL", "ALIAS"]),
     ]
-    for name, help_text in commands:
-        p = registry_sub.add_parser(name, help=help_text)
+    for name, help_text, words in commands:
+        p = registry_sub.add_parser(name, help=help_text, usage=f"tunepipe registry {name} {' '.join(words)} [options]" if words else None)
         p.add_argument("--registry", default="registry", help="registry root: folder or s3:// URL (default: registry)")
         if name == "push":
             p.add_argument("folder", help="the folder to publish, every file in it")
-        if name in ("pull", "verify", "push"):
             p.add_argument("model")
             p.add_argument("version")
-        if name == "pull":
-            p.add_argument("dest", help="a new (or empty) folder")
+        elif words:
+            p.add_argument("names", nargs="+", metavar="NAME", help=" ".join(words))
+        if name == "promote":
+            p.add_argument("--to", required=True, metavar="ALIAS", help="the alias to move, e.g. production")
+            p.add_argument("--min", action="append", default=[], metavar="METRIC=VALUE", help="also require METRIC >= VALUE (repeatable)")
+            p.add_argument("--max", action="append", default=[], metavar="METRIC=VALUE", help="also require METRIC <= VALUE (repeatable)")
 
     slurm = sub.add_parser("slurm", help="the sbatch script of the train stage, to submit by hand")
     slurm_sub = slurm.add_subparsers(dest="slurm_command", required=True)
@@ -212,31 +222,87 @@ def _one_line_failures() -> None:
         logging.getLogger(name).addFilter(_NoTraceback())
 
 
+def _named_version(registry_url: str, names: list[str], trailing: int) -> tuple[str, str, list[str]]:
+    """(model, version, the other words) from `MODEL@X ...` or `MODEL VERSION ...`, where
+    `trailing` words (a destination, an alias) follow the model's name."""
+    from pipeline.registry.aliases import resolve
+    from pipeline.registry.store import RegistryError
+
+    if "@" in names[0]:
+        if len(names) != 1 + trailing:
+            raise RegistryError(f"after {names[0]!r} expected {trailing} more word(s), got {names[1:]}")
+        model, version = resolve(registry_url, names[0])
+        return model, version, names[1:]
+    if len(names) != 2 + trailing:
+        raise RegistryError(f"expected MODEL VERSION or MODEL@X followed by {trailing} word(s), got {names}")
+    return names[0], names[1], names[2:]
+
+
+def _bounds(pairs: list[str], flag: str) -> dict[str, float]:
+    from pipeline.registry.store import RegistryError
+
+    out = {}
+    for pair in pairs:
+        metric, sep, value = pair.partition("=")
+        try:
+            out[metric.strip()] = float(value)
+        except ValueError:
+            raise RegistryError(f"{flag} {pair!r}: expected METRIC=NUMBER, e.g. accuracy=0.9") from None
+        if not sep or not metric.strip():
+            raise RegistryError(f"{flag} {pair!r}: expected METRIC=NUMBER, e.g. accuracy=0.9")
+    return out
+
+
 def cmd_registry(args) -> int:
     from pipeline import artifacts
+    from pipeline.registry import aliases
     from pipeline.registry import store as registry
 
+    reg = args.registry
     if args.registry_command == "list":
-        rows = registry.list_versions(args.registry)
+        rows = registry.list_versions(reg)
         if not rows:
-            print(f"no published versions under {args.registry}")
+            print(f"no published versions under {reg}")
             return 0
         table_rows = [
-            [r["model"], r["version"], time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["created_unix"] or 0)), r["files"], f"{r['bytes'] / 1e6:.1f} MB", r["metric"], r["url"]]
+            [r["model"], r["version"], ", ".join(r["aliases"]), time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["created_unix"] or 0)),
+             r["files"], f"{r['bytes'] / 1e6:.1f} MB", r["metric"], r["url"]]
             for r in rows
         ]
-        print(text_table(table_rows, ["model", "version", "created (UTC)", "files", "size", "metric", "url"]))
+        print(text_table(table_rows, ["model", "version", "aliases", "created (UTC)", "files", "size", "metric", "url"]))
         return 0
+    if args.registry_command == "push":
+        url, written = registry.push_folder(Path(args.folder), reg, args.model, args.version)
+        print(f"published: {url}" if written else f"already published, same content: {url}")
+        return 0
+    if args.registry_command == "history":
+        if len(args.names) != 2:
+            raise registry.RegistryError(f"expected MODEL ALIAS, got {args.names}")
+        moves = aliases.history(reg, *args.names)
+        if not moves:
+            print(f"{args.names[0]} has no alias {args.names[1]!r} under {reg}")
+            return 0
+        rows = [[time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(m.moved_unix)), m.previous or "-", m.version, m.reason] for m in moves]
+        print(text_table(rows, ["moved (UTC)", "from", "to", "why"]))
+        return 0
+    trailing = {"pull": 1, "verify": 0, "alias": 1, "promote": 0}[args.registry_command]
+    model, version, rest = _named_version(reg, args.names, trailing)
     if args.registry_command == "verify":
-        url = registry.version_url(args.registry, args.model, args.version)
+        url = registry.version_url(reg, model, version)
         problems = artifacts.verify(url)
         print("\n".join(problems) if problems else f"ok: {url}")
         return 1 if problems else 0
-    if args.registry_command == "push":
-        url, written = registry.push_folder(Path(args.folder), args.registry, args.model, args.version)
-        print(f"published: {url}" if written else f"already published, same content: {url}")
+    if args.registry_command == "alias":
+        move = aliases.move(reg, model, rest[0], version, reason="alias")
+        print(f"{model}: {move.alias} -> {version}" + (f" (was {move.previous})" if move.previous else ""))
         return 0
-    dest = registry.pull_version(args.registry, args.model, args.version, Path(args.dest))
+    if args.registry_command == "promote":
+        from pipeline.registry.promote import promote
+
+        move = promote(reg, model, version, args.to, _bounds(args.min, "--min"), _bounds(args.max, "--max"))
+        print(f"{model}: {move.alias} -> {version}" + (f" (was {move.previous})" if move.previous else "") + f"; {move.reason}")
+        return 0
+    dest = registry.pull_version(reg, model, version, Path(rest[0]))
     print(f"pulled and verified: {dest}")
     return 0
 

@@ -161,6 +161,7 @@ def prefect_server(tmp_path_factory):
 SHARED_WORKER = {"test_slurm_cluster": "slurm", "test_slurm_train": "slurm"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests need CUDA: skipped, with the reason shown, on machines without it. Under
     `pytest -n N --dist loadgroup`, each file's tests stay in one worker (its module fixtures,

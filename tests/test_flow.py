@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -25,7 +26,13 @@ def prefect_harness(prefect_server, monkeypatch):
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
 
-    with temporary_settings(updates={PREFECT_API_URL: prefect_server.url, PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
+
+    # Its own result storage: the test checks that nothing lands there, and other processes of the
+    # suite (xdist's other worker) may write to the default one meanwhile.
+    storage = prefect_server.client_home / f"storage-{os.getpid()}"
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.url, PREFECT_SERVER_ANALYTICS_ENABLED: False,
+                                     PREFECT_LOCAL_STORAGE_PATH: storage}):
         yield
         # Send the test's log lines and events now: at exit, the server they were meant for is gone.
         APILogWorker.drain_all(timeout=10)

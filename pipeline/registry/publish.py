@@ -1,5 +1,6 @@
 """Publish the tuned model as an immutable registry version, behind the evaluation gate.
 
+Every publish moves the model's `latest` alias to the version it published (registry/aliases.py).
 The version holds `model/`, `tokenizer/`, `metrics.json`, `config.yaml` (the resolved config
 of every stage that led here) and `lineage.json` (each ancestor stage's fingerprint, config,
 stats and content hashes, down to the sha256 of the raw data files), plus `manifest.json`.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import yaml
 from pipeline import artifacts
 from pipeline.artifacts import MANIFEST, Artifact
 from pipeline.config import EvaluateConfig, RegistryConfig
+from pipeline.registry import aliases
 from pipeline.registry.store import publish_version
 
 
@@ -54,8 +57,10 @@ def run(registry: RegistryConfig, evaluate: EvaluateConfig, *, inputs: dict[str,
     source = {name: stages[name]["fingerprint"] for name in ("tokenize", "train", "evaluate")}
     version = registry.version or artifacts.hash_json({"source": source, "registry": registry.model_name})[:12]
 
-    bundle = scratch / "bundle"
-    shutil.rmtree(bundle, ignore_errors=True)
+    # A folder of this run's own: two runs publishing one fingerprint at once (every node of a
+    # run started by hand publishes) share the scratch, and one must not delete the other's bundle.
+    scratch.mkdir(parents=True, exist_ok=True)
+    bundle = Path(tempfile.mkdtemp(prefix="bundle-", dir=scratch))
     shutil.copytree(inputs["train"] / "model", bundle / "model")
     shutil.copytree(inputs["train"] / "tokenizer", bundle / "tokenizer")
     shutil.copy(inputs["evaluate"] / "metrics.json", bundle / "metrics.json")
@@ -67,6 +72,8 @@ def run(registry: RegistryConfig, evaluate: EvaluateConfig, *, inputs: dict[str,
 
     url, written = publish_version(bundle, registry.url, registry.model_name, version, source)
     shutil.rmtree(bundle, ignore_errors=True)
+    if aliases.target(registry.url, registry.model_name, aliases.LATEST) != version:
+        aliases.move(registry.url, registry.model_name, aliases.LATEST, version, reason="publish")
     (out / "published.json").write_text(json.dumps({"url": url, "version": version}, indent=2))
     scores = {k: metrics[k] for k in ("perplexity", "accuracy", "macro_f1", "rouge_l") if k in metrics}
     return {"version": version, "url": url, "newly_published": written, **scores}

@@ -27,29 +27,8 @@ from typing import Any
 
 from pipeline import artifacts
 from pipeline.artifacts import MANIFEST, ArtifactError
-
-NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 128"
-
-
-class RegistryError(RuntimeError):
-    pass
-
-
-class VersionExists(RegistryError):
-    """Another publisher committed this version with other content first."""
-
-
-def check_name(kind: str, value: str) -> str:
-    """Model, version and alias names become path parts: refuse anything that could leave the registry."""
-    ok = 0 < len(value) <= 128 and value[0].isalnum() and all(c.isalnum() or c in "._-" for c in value) and value.isascii()
-    if not ok:
-        raise RegistryError(f"{kind} {value!r} is not a valid name: {NAME_RULE} characters")
-    return value
-
-
-def version_url(registry: str, model_name: str, version: str) -> str:
-    return artifacts.join(registry, check_name("model name", model_name), check_name("version", version))
-
+from pipeline.registry.aliases import aliases_of
+from pipeline.registry.names import NAME_RULE, RegistryError, VersionExists, check_name, version_url  # noqa: F401 (the registry's API)
 
 def publish_version(local: Path, registry: str, model_name: str, version: str, source: dict[str, Any]) -> tuple[str, bool]:
     """Commit the files under `local` as `model_name/version`. Returns (url, newly_written).
@@ -146,6 +125,12 @@ def list_versions(registry: str) -> list[dict[str, Any]]:
             print(f"tunepipe: warning: skipping {manifest_path}: unreadable manifest ({type(e).__name__}: {e})", file=sys.stderr)
             continue
         rows.append(row)
+    pointing: dict[tuple[str, str], list[str]] = {}
+    for model in {r["model"] for r in rows if r["model"]}:
+        for alias, version in aliases_of(registry, model).items():
+            pointing.setdefault((model, version), []).append(alias)
+    for row in rows:
+        row["aliases"] = sorted(pointing.get((row["model"], row["version"]), []))
     return sorted(rows, key=lambda r: (r["model"] or "", r["created_unix"] or 0))
 
 
