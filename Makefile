@@ -25,9 +25,9 @@ run: setup
 	$(BIN)/tunepipe run examples/quickstart.yaml
 
 # Two workers: most heavy tests wait on subprocesses (torchrun, Prefect, Slurm), not on a core.
-# Each test file stays in one worker (tests/conftest.py); `pytest -q` alone runs them one by one.
+# A test file stays in one worker (its module fixtures are made once); `pytest -q` runs serially.
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not integration and not slow"

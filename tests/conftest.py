@@ -156,21 +156,8 @@ def prefect_server(tmp_path_factory):
         server.stop()
 
 
-# Test files that share one expensive resource run in one pytest-xdist worker (`make test` runs
-# two: most heavy tests here wait on subprocesses, servers and schedulers, not on a core).
-SHARED_WORKER = {"test_slurm_cluster": "slurm", "test_slurm_train": "slurm"}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests need CUDA: skipped, with the reason shown, on machines without it. Under
-    `pytest -n N --dist loadgroup`, each file's tests stay in one worker (its module fixtures,
-    such as a clean run to compare resumes with, are made once), and the Slurm files share one
-    worker, so one loopback cluster serves them all."""
-    for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1]
-        if not any(mark.name == "xdist_group" for mark in item.iter_markers()):
-            item.add_marker(pytest.mark.xdist_group(SHARED_WORKER.get(module, module)))
+    """`gpu` tests need CUDA: skipped, with the reason shown, on machines without it."""
     import torch
 
     if torch.cuda.is_available():

@@ -344,7 +344,7 @@ def check_registry(session: Session, shown: Shown, ran: Ran) -> None:
     elif args.registry_command == "verify":
         assert ran.stdout.strip() == f"ok: {url}"
     else:
-        assert ran.stdout.strip() == f"pulled and verified: {args.dest}"
+        assert ran.stdout.strip() == f"pulled and verified: {args.names[-1]}"
         weights = "model/model.safetensors"
         assert (Path(args.dest) / weights).read_bytes() == (url / weights).read_bytes()
 

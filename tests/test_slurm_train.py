@@ -12,9 +12,12 @@ import subprocess
 
 import pytest
 from tiny import REPO, cli_args, cli_command, published_weights, run_cli, sha256, stage_status, summary_of, wait_for
+from test_train_distributed import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-ON_SLURM = {"train.launcher": "slurm", "train.nnodes": 2, "train.nproc_per_node": 1, "slurm.poll_s": 0.5}
+# A free rendezvous port, not torchrun's 29500: another test process (xdist's other worker) may
+# run a rendezvous on this machine at the same time.
+ON_SLURM = {"train.launcher": "slurm", "train.nnodes": 2, "train.nproc_per_node": 1, "slurm.poll_s": 0.5, "train.rdzv_port": free_port()}
 
 
 @pytest.fixture
