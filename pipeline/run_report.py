@@ -77,8 +77,10 @@ def markdown_report(cfg: "PipelineConfig", results: "list[StageResult]", workdir
     elif results and all(r.status == "cached" for r in results):
         already = f" The config's version is `{publish.stats['url']}`." if publish and publish.stats.get("url") else ""
         lines += [f"Every stage was cached: nothing new was trained or published.{already}", ""]
-    elif publish and publish.stats.get("url"):
+    elif publish and publish.status == "ran" and publish.stats.get("url"):
         lines += [f"**Published:** `{publish.stats['url']}` (version `{publish.stats.get('version', '')}`)", ""]
+    elif publish and publish.stats.get("url"):  # e.g. a run that overlapped the one that published
+        lines += [f"Nothing new was published: an earlier run published this version, `{publish.stats['url']}`.", ""]
     lines += ["| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
     for row in summary_rows(results):
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")

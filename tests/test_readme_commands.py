@@ -346,7 +346,7 @@ def check_registry(session: Session, shown: Shown, ran: Ran) -> None:
     else:
         assert ran.stdout.strip() == f"pulled and verified: {args.names[-1]}"
         weights = "model/model.safetensors"
-        assert (Path(args.dest) / weights).read_bytes() == (url / weights).read_bytes()
+        assert (Path(args.names[-1]) / weights).read_bytes() == (url / weights).read_bytes()
 
 
 def check_push(session: Session, args, ran: Ran) -> None:

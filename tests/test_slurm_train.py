@@ -124,14 +124,20 @@ def test_ctrl_c_on_the_run_cancels_its_job(tmp_path, slurm):
     assert slurm.wait_job(job_id, timeout=120) == "CANCELLED"
 
 
+# The job sleeps before it trains (slurm.setup is never fingerprinted), so it is still running when
+# the rerun reaches train: without it, on a busy machine the job could finish first and the rerun
+# would adopt its model instead of following it.
+SLOW_START = {"slurm.setup": '["sleep 15"]'}
+
+
 def test_a_killed_run_leaves_its_job_training_and_the_rerun_follows_it_instead_of_submitting(tmp_path, slurm, local_two_rank_weights):
-    proc, job_id = start_following(tmp_path)
+    proc, job_id = start_following(tmp_path, **SLOW_START)
     try:
         wait_for(lambda: slurm.job_state(job_id) == "RUNNING", 120, "the job to run")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the run and its follower, not the job: slurmd runs that
         proc.wait()
-    rerun = run_cli(cli_args("stage", tmp_path / "w", tmp_path / "r", "publish", **ON_SLURM))
+    rerun = run_cli(cli_args("stage", tmp_path / "w", tmp_path / "r", "publish", **ON_SLURM, **SLOW_START))
     assert f"following slurm job {job_id}, submitted by an earlier run of this stage" in rerun.stdout
     assert "submitted slurm job" not in rerun.stdout
     assert sha256(published_weights(tmp_path / "r")) == local_two_rank_weights
