@@ -19,7 +19,6 @@ by pid, never by name.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -31,6 +30,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from slurm_cluster import die_with_parent
 
 STARTUP_SECONDS = 180  # the first start runs every database migration: ~20 s on 2 cores
 STOP_GRACE_SECONDS = 20
@@ -95,15 +96,6 @@ class PrefectServer:
                 continue
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM when the process that started it dies (a killed
-    pytest leaves no server behind)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _free_loopback_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -142,7 +134,7 @@ def _launch(root: Path, home: Path, port: int) -> tuple[subprocess.Popen, Path]:
     # pyproject.toml's [tool.prefect] from the working directory, and the repo's must not count.
     with log.open("wb") as stream:
         process = subprocess.Popen(command, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=stream,
-                                   stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
+                                   stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
     return process, log
 
 

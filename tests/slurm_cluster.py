@@ -62,9 +62,9 @@ def slurm_available() -> str | None:
     return None
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Runs in the child before exec: SIGTERM when the process that started it dies (a killed
-    pytest leaves no daemons behind)."""
+    pytest leaves no daemons or servers behind; tests/prefect_server.py uses it too)."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -319,7 +319,7 @@ def start_cluster(root: Path, nodes: int = 2) -> SlurmCluster:
         with out.open("wb") as stream:  # a file, not a pipe: nobody drains a pipe
             process = subprocess.Popen(command, env=env, cwd=root, stdin=subprocess.DEVNULL, stdout=stream,
                                        stderr=subprocess.STDOUT, start_new_session=True,
-                                       preexec_fn=_die_with_parent)
+                                       preexec_fn=die_with_parent)
         cluster._daemons.append(_Daemon(name, process, (log, out)))
 
     def wait_for(what: str, ready, deadline: float) -> None:
