@@ -32,6 +32,10 @@ EPILOG = """examples:
   tunepipe registry promote quickstart-gpt2@latest --to production --max perplexity=2.0
   tunepipe registry pull quickstart-gpt2@production ./model-copy
   tunepipe registry push runs/by-hand/model my-model v1      # a folder made anywhere, as a version
+  tunepipe registry export quickstart-gpt2@production ./hf-folder --merge
+  tunepipe registry html --out site                          # open site/index.html
+  tunepipe generate quickstart-gpt2@production --prompt "How do I reset my password?"
+  tunepipe serve --adapter support=support-bot@latest --adapter docs=docs-bot@latest --port 8000
   tunepipe run examples/quickstart.yaml --set train.launcher=slurm --set train.nnodes=2   # train as a Slurm job
   tunepipe slurm script examples/quickstart.yaml --set train.nnodes=2 > train.sbatch     # the same job, by hand
   tunepipe k8s manifest examples/quickstart.yaml --workdir s3://bucket/runs | kubectl apply -f -
@@ -75,20 +79,45 @@ def build_parser() -> argparse.ArgumentParser:
         ("alias", "point ALIAS at a version (no checks; see promote); every move is kept", ["MODEL[@X] [VERSION]", "ALIAS"]),
         ("promote", "re-verify a version and re-check its gate (and --min/--max), then move an alias to it", ["MODEL[@X] [VERSION]"]),
         ("history", "every move of an alias, oldest first", ["MODEL", "ALIAS"]),
+        ("export", "write a version as a plain Hugging Face folder (--merge: LoRA folded into the base)", ["MODEL@X", "DEST"]),
+        ("html", "write a static site of the registry (models, versions, aliases, cards with curves)", []),
     ]
     for name, help_text, words in commands:
         p = registry_sub.add_parser(name, help=help_text, usage=f"tunepipe registry {name} {' '.join(words)} [options]" if words else None)
         p.add_argument("--registry", default="registry", help="registry root: folder or s3:// URL (default: registry)")
-        if name == "push":
+        if name == "html":
+            p.add_argument("--out", required=True, help="folder to write the site into (index.html opens from disk)")
+        elif name == "push":
             p.add_argument("folder", help="the folder to publish, every file in it")
             p.add_argument("model")
             p.add_argument("version")
         elif words:
             p.add_argument("names", nargs="+", metavar="NAME", help=" ".join(words))
+        if name == "pull":
+            p.add_argument("--with-base", action="store_true", help="also pull the base an adapters-only version loads on, into DEST/base")
+        if name == "export":
+            p.add_argument("--merge", action="store_true", help="fold LoRA weights into the base: one whole model")
         if name == "promote":
             p.add_argument("--to", required=True, metavar="ALIAS", help="the alias to move, e.g. production")
             p.add_argument("--min", action="append", default=[], metavar="METRIC=VALUE", help="also require METRIC >= VALUE (repeatable)")
             p.add_argument("--max", action="append", default=[], metavar="METRIC=VALUE", help="also require METRIC <= VALUE (repeatable)")
+
+    generate = sub.add_parser("generate", help="complete a prompt with a published version (verified, offline), in its own template")
+    generate.add_argument("model", metavar="MODEL@X", help="the version: MODEL@ALIAS or MODEL@VERSION")
+    generate.add_argument("--registry", default="registry", help="registry root: folder or s3:// URL (default: registry)")
+    generate.add_argument("--prompt", required=True, action="append", help="the prompt, as a user would ask it (repeatable)")
+    generate.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default: 40)")
+    generate.add_argument("--adapter", metavar="MODEL@X", help="an adapters-only version to apply on MODEL@X instead of its own base")
+    generate.add_argument("--raw", action="store_true", help="send the prompt as is, without the version's template")
+
+    serve = sub.add_parser("serve", help="serve a base and many adapters on it over HTTP, OpenAI-style (/v1/completions)",
+                           description="Load the base once and every adapter on it; answer POST /v1/completions where "
+                           "`model` names an adapter (or the base), GET /v1/models and GET /health.")
+    serve.add_argument("--registry", default="registry", help="registry root: folder or s3:// URL (default: registry)")
+    serve.add_argument("--base", metavar="MODEL@X", help="the base version (default: the base the adapters record)")
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=MODEL@X", help="an adapters-only version served as NAME (repeatable)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
 
     slurm = sub.add_parser("slurm", help="the sbatch script of the train stage, to submit by hand")
     slurm_sub = slurm.add_subparsers(dest="slurm_command", required=True)
@@ -222,89 +251,24 @@ def _one_line_failures() -> None:
         logging.getLogger(name).addFilter(_NoTraceback())
 
 
-def _named_version(registry_url: str, names: list[str], trailing: int) -> tuple[str, str, list[str]]:
-    """(model, version, the other words) from `MODEL@X ...` or `MODEL VERSION ...`, where
-    `trailing` words (a destination, an alias) follow the model's name."""
-    from pipeline.registry.aliases import resolve
-    from pipeline.registry.store import RegistryError
-
-    if "@" in names[0]:
-        if len(names) != 1 + trailing:
-            raise RegistryError(f"after {names[0]!r} expected {trailing} more word(s), got {names[1:]}")
-        model, version = resolve(registry_url, names[0])
-        return model, version, names[1:]
-    if len(names) != 2 + trailing:
-        raise RegistryError(f"expected MODEL VERSION or MODEL@X followed by {trailing} word(s), got {names}")
-    return names[0], names[1], names[2:]
-
-
-def _bounds(pairs: list[str], flag: str) -> dict[str, float]:
-    from pipeline.registry.store import RegistryError
-
-    out = {}
-    for pair in pairs:
-        metric, sep, value = pair.partition("=")
-        try:
-            out[metric.strip()] = float(value)
-        except ValueError:
-            raise RegistryError(f"{flag} {pair!r}: expected METRIC=NUMBER, e.g. accuracy=0.9") from None
-        if not sep or not metric.strip():
-            raise RegistryError(f"{flag} {pair!r}: expected METRIC=NUMBER, e.g. accuracy=0.9")
-    return out
-
-
 def cmd_registry(args) -> int:
-    from pipeline import artifacts
-    from pipeline.registry import aliases
-    from pipeline.registry import store as registry
+    from pipeline.registry.commands import run_registry_command
 
-    reg = args.registry
-    if args.registry_command == "list":
-        rows = registry.list_versions(reg)
-        if not rows:
-            print(f"no published versions under {reg}")
-            return 0
-        table_rows = [
-            [r["model"], r["version"], ", ".join(r["aliases"]), time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["created_unix"] or 0)),
-             r["files"], f"{r['bytes'] / 1e6:.1f} MB", r["metric"], r["url"]]
-            for r in rows
-        ]
-        print(text_table(table_rows, ["model", "version", "aliases", "created (UTC)", "files", "size", "metric", "url"]))
-        return 0
-    if args.registry_command == "push":
-        url, written = registry.push_folder(Path(args.folder), reg, args.model, args.version)
-        print(f"published: {url}" if written else f"already published, same content: {url}")
-        return 0
-    if args.registry_command == "history":
-        if len(args.names) != 2:
-            raise registry.RegistryError(f"expected MODEL ALIAS, got {args.names}")
-        moves = aliases.history(reg, *args.names)
-        if not moves:
-            print(f"{args.names[0]} has no alias {args.names[1]!r} under {reg}")
-            return 0
-        rows = [[time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(m.moved_unix)), m.previous or "-", m.version, m.reason] for m in moves]
-        print(text_table(rows, ["moved (UTC)", "from", "to", "why"]))
-        return 0
-    trailing = {"pull": 1, "verify": 0, "alias": 1, "promote": 0}[args.registry_command]
-    model, version, rest = _named_version(reg, args.names, trailing)
-    if args.registry_command == "verify":
-        url = registry.version_url(reg, model, version)
-        problems = artifacts.verify(url)
-        print("\n".join(problems) if problems else f"ok: {url}")
-        return 1 if problems else 0
-    if args.registry_command == "alias":
-        move = aliases.move(reg, model, rest[0], version, reason="alias")
-        print(f"{model}: {move.alias} -> {version}" + (f" (was {move.previous})" if move.previous else ""))
-        return 0
-    if args.registry_command == "promote":
-        from pipeline.registry.promote import promote
+    return run_registry_command(args)
 
-        move = promote(reg, model, version, args.to, _bounds(args.min, "--min"), _bounds(args.max, "--max"))
-        print(f"{model}: {move.alias} -> {version}" + (f" (was {move.previous})" if move.previous else "") + f"; {move.reason}")
-        return 0
-    dest = registry.pull_version(reg, model, version, Path(rest[0]))
-    print(f"pulled and verified: {dest}")
+
+def cmd_generate(args) -> int:
+    from pipeline.serve.generate import generate_from_registry
+
+    for prompt in args.prompt:
+        print(generate_from_registry(args.registry, args.model, prompt, args.max_new_tokens, adapter=args.adapter, raw=args.raw))
     return 0
+
+
+def cmd_serve(args) -> int:
+    from pipeline.serve.registry import serve_from_registry
+
+    return serve_from_registry(args.registry, args.base, args.adapter, args.host, args.port)
 
 
 def cmd_slurm(args, cfg: PipelineConfig) -> int:
@@ -355,7 +319,7 @@ def cmd_config(args, cfg: PipelineConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command not in ("registry", "worker"):
+    if args.command not in ("registry", "worker", "generate", "serve"):
         try:
             # Validate the whole config before any stage runs: a typo must not cost a training run.
             implied = {"slurm": ["train.launcher=slurm"], "k8s": ["train.launcher=kubernetes"]}.get(args.command, [])
@@ -375,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_registry(args)
         if args.command == "worker":
             return cmd_worker(args)
+        if args.command == "generate":
+            return cmd_generate(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         commands = {"run": cmd_run, "stage": cmd_stage, "config": cmd_config, "slurm": cmd_slurm, "k8s": cmd_k8s, "deploy": cmd_deploy}
         return commands[args.command](args, cfg)
     except Exception as e:

@@ -88,7 +88,7 @@ STAGES: dict[str, Stage] = {
               # Not when every node runs its own share of one job: they must all start at once.
               exclusive=lambda cfg: not cfg.train.started_on_every_node),
         Stage("evaluate", "pipeline.evaluate.stage", ("evaluate", "model"), ("preprocess", "tokenize", "train")),
-        Stage("publish", "pipeline.registry.publish", ("registry", "evaluate"), ("tokenize", "train", "evaluate"), has_external_output=True),
+        Stage("publish", "pipeline.registry.publish", ("registry", "evaluate", "model"), ("tokenize", "train", "evaluate"), has_external_output=True),
     ]
 }
 ORDER = list(STAGES)

@@ -156,10 +156,36 @@ def prefect_server(tmp_path_factory):
         server.stop()
 
 
+# The longest files (seconds on the 2-core CI machine), started first: `make test` hands whole files
+# to two workers in collection order, and a long file started last keeps one worker busy alone.
+LONGEST_FIRST = (
+    "test_minilm.py", "test_slurm_train.py", "test_train_distributed.py", "test_scheduling.py",
+    "test_readme_commands.py", "test_serve.py", "test_registry_chain.py",
+)
+
+
+def pytest_configure(config):
+    """Registry copies (pipeline/registry/local_copy.py) go to a folder of this session, never the
+    user's ~/.cache; subprocesses inherit it."""
+    import tempfile
+
+    if "TUNEPIPE_REGISTRY_CACHE" not in os.environ:
+        config._registry_cache = os.environ["TUNEPIPE_REGISTRY_CACHE"] = tempfile.mkdtemp(prefix="tunepipe-registry-cache-")
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    if getattr(config, "_registry_cache", None):
+        shutil.rmtree(config._registry_cache, ignore_errors=True)
+
+
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests need CUDA: skipped, with the reason shown, on machines without it."""
+    """Longest files first; `gpu` tests need CUDA: skipped, with the reason shown, on machines without it."""
     import torch
 
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -81,6 +81,21 @@ class PipelineConfig(Section):
     kubernetes: KubernetesConfig = KubernetesConfig()
     prefect: PrefectConfig = PrefectConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _registry_base_defaults_to_our_registry(cls, data: Any) -> Any:
+        """`model.name: registry://m@x` looks in `registry.url` unless model.registry says otherwise."""
+        if not isinstance(data, dict):
+            return data
+        model, registry = data.get("model"), data.get("registry")
+        url = registry.get("url") if isinstance(registry, dict) else getattr(registry, "url", None)
+        url = url or RegistryConfig.model_fields["url"].default
+        if isinstance(model, dict) and str(model.get("name", "")).startswith("registry://") and not model.get("registry"):
+            return {**data, "model": {**model, "registry": url}}
+        if isinstance(model, ModelConfig) and model.name.startswith("registry://") and not model.registry:
+            return {**data, "model": model.model_copy(update={"registry": url})}
+        return data
+
     @model_validator(mode="after")
     def _train_options_agree(self) -> "PipelineConfig":
         t = self.train
@@ -122,6 +137,8 @@ class PipelineConfig(Section):
                 out[f"model.{field}"] = "model.init is pretrained (the checkpoint sets the architecture)"
         else:
             out["model.name"] = "model.init is scratch (a fresh GPT-2 or T5 of model.n_layer x n_embd)"
+        if m.init != "pretrained" or not m.name.startswith("registry://"):
+            out["model.registry"] = "model.name is not a registry:// name"
         for field, methods in _METHOD_FIELDS.items():
             if t.method not in methods:
                 out[f"train.{field}"] = f"train.method is {t.method}"

@@ -10,10 +10,16 @@ from pipeline.config.base import Section
 
 
 class ModelConfig(Section):
+    # A registry base is identified by its resolved version and manifest digest (train's content
+    # fingerprint), not by where the registry lives: a moved registry keeps the cache.
+    not_fingerprinted: ClassVar[frozenset[str]] = frozenset({"registry"})
+
     name: str = "gpt2"
-    """`init: pretrained`: the Hugging Face model id or local folder to load. Ignored with `init: scratch`."""
+    """`init: pretrained`: the Hugging Face model id or local folder to load, or `registry://MODEL@ALIAS` (or `@VERSION`) for a published version (then `init` defaults to pretrained). Ignored with `init: scratch`."""
     init: Literal["scratch", "pretrained"] = "scratch"
     """`scratch`: a fresh model of the size below with a BPE tokenizer trained on the data; `pretrained`: load `name` (weights and tokenizer)."""
+    registry: str | None = None
+    """Where a `registry://` name is looked up: a folder or s3:// URL; default: `registry.url`."""
     n_layer: int = Field(2, gt=0)
     """Transformer blocks (scratch only)."""
     n_head: int = Field(2, gt=0)
@@ -22,6 +28,27 @@ class ModelConfig(Section):
     """Hidden size (scratch only)."""
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     """Dropout for residual, embedding and attention (scratch only)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _registry_names_are_pretrained(cls, data: Any) -> Any:
+        # A published model is a checkpoint to load: `name: registry://m@x` alone should do.
+        if isinstance(data, dict) and str(data.get("name", "")).startswith("registry://") and "init" not in data:
+            data = {**data, "init": "pretrained"}
+        return data
+
+    @model_validator(mode="after")
+    def _registry_name_is_a_reference(self) -> "ModelConfig":
+        if self.name.startswith("registry://"):
+            model, sep, label = self.name[len("registry://"):].partition("@")
+            if not sep or not model or not label or "/" in model:
+                raise ValueError(f"model.name {self.name!r}: expected registry://MODEL@ALIAS or registry://MODEL@VERSION "
+                                 "(the registry is model.registry, default registry.url)")
+            if self.init != "pretrained":
+                # A config that says scratch and names a published model is ambiguous: say so, never guess.
+                raise ValueError(f"model.name {self.name!r} is a published model to start from, but model.init is "
+                                 f"{self.init!r}: set model.init=pretrained")
+        return self
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "ModelConfig":

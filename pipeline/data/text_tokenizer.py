@@ -25,6 +25,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pipeline.config import ModelConfig, TokenizeConfig
 from pipeline.data.packing import IGNORE_INDEX
+from pipeline.registry.bases import model_source
 
 if TYPE_CHECKING:  # transformers is imported where it is used: fingerprinting a cached run should not pay ~4 s for it
     from transformers import PreTrainedTokenizerFast
@@ -103,7 +104,7 @@ def build_tokenizer(
         if chat:
             tokenizer.chat_template = tok.chat_template or CHATML_TEMPLATE
         return tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(model.name)
+    tokenizer = AutoTokenizer.from_pretrained(model_source(model))
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"tokenizer of {model.name!r} is not a fast (Rust) tokenizer; tokenize needs one for speed and offsets")
     if tokenizer.eos_token_id is None and task == "causal_lm":
@@ -132,7 +133,7 @@ def tokenizer_source_files(model: ModelConfig) -> list[Path] | None:
     """
     if model.init == "scratch":
         return None
-    folder = Path(model.name)
+    folder = Path(model_source(model))
     if not folder.is_dir():
         from huggingface_hub import snapshot_download
 

@@ -35,6 +35,7 @@ from pipeline.evaluate import metrics as M
 from pipeline.config import EvaluateConfig, ModelConfig
 from pipeline.data.loader import held_out_batches, open_split
 from pipeline.train.methods.prompt_tuning import virtual_tokens
+from pipeline.registry.bases import model_source
 from pipeline.train.modeling import AUTO_CLASSES
 
 _EVAL_BATCH = 8
@@ -58,7 +59,7 @@ def load_tuned(train: Path, task: str, model_cfg: ModelConfig):
     or the scratch initialisation train wrote to `base/`."""
     from pipeline.train.methods import load_trained  # imports peft: only when a model is loaded
 
-    base = model_cfg.name if model_cfg.init == "pretrained" else train / "base"
+    base = model_source(model_cfg) if model_cfg.init == "pretrained" else train / "base"
     return load_trained(train / "model", task, base=base)
 
 
@@ -138,7 +139,7 @@ def evaluate_causal_lm(cfg: EvaluateConfig, model_cfg: ModelConfig, model, token
     ppl = math.exp(min(loss, 50.0)) if tokens else None
     base = None
     if model_cfg.init == "pretrained" and cfg.num_generations:
-        base = AUTO_CLASSES["causal_lm"].from_pretrained(model_cfg.name).eval()
+        base = AUTO_CLASSES["causal_lm"].from_pretrained(model_source(model_cfg)).eval()
     generations = []
     for prompt, reference in sample_prompts(inputs["preprocess"] / "validation.parquet", tokenizer, cfg.num_generations):
         sample = {"prompt": prompt, "reference": reference, "tuned": generate(model, tokenizer, prompt, cfg.max_new_tokens)}
@@ -222,7 +223,7 @@ def evaluate_seq2seq(cfg: EvaluateConfig, model_cfg: ModelConfig, model, tokeniz
         {"source": s["sources"][i], "reference": s["references"][i], "tuned": s["predictions"][i]} for i in range(shown)
     ]
     if model_cfg.init == "pretrained" and shown:
-        base = AUTO_CLASSES["seq2seq"].from_pretrained(model_cfg.name).eval()
+        base = AUTO_CLASSES["seq2seq"].from_pretrained(model_source(model_cfg)).eval()
         with torch.no_grad():
             out = greedy(base, rows.batch(s["ids"][:shown]), tokenizer, cfg.max_new_tokens)
         for sample, text in zip(generations, tokenizer.batch_decode(out, skip_special_tokens=True)):

@@ -18,9 +18,14 @@ import yaml
 
 from pipeline import artifacts
 from pipeline.artifacts import MANIFEST, Artifact
-from pipeline.config import EvaluateConfig, RegistryConfig
+from pipeline.config import EvaluateConfig, ModelConfig, RegistryConfig
 from pipeline.registry import aliases
+from pipeline.registry.base_records import BASE_JSON, describe_base, publish_base
+from pipeline.registry.card import write_card
 from pipeline.registry.store import publish_version
+
+
+TRAINED_JSON = "tunepipe_trained.json"  # methods/base.py's name; not imported from there: that imports torch
 
 
 class GateFailed(RuntimeError):
@@ -46,7 +51,7 @@ def lineage(start: list[Path]) -> dict[str, dict[str, Any]]:
     return found
 
 
-def run(registry: RegistryConfig, evaluate: EvaluateConfig, *, inputs: dict[str, Path], out: Path, scratch: Path) -> dict:
+def run(registry: RegistryConfig, evaluate: EvaluateConfig, model: ModelConfig, *, inputs: dict[str, Path], out: Path, scratch: Path) -> dict:
     metrics = json.loads((inputs["evaluate"] / "metrics.json").read_text())
     gate = metrics["gate"]
     if not gate["passed"]:
@@ -69,6 +74,15 @@ def run(registry: RegistryConfig, evaluate: EvaluateConfig, *, inputs: dict[str,
         resolved.update(stage["config"])
     (bundle / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=True))
     (bundle / "lineage.json").write_text(json.dumps(stages, indent=2, sort_keys=True, default=str))
+    base = base_reference(inputs["train"], model, registry, metrics.get("task", "causal_lm"))
+    if base is not None:
+        (bundle / BASE_JSON).write_text(json.dumps(base, indent=2, sort_keys=True))
+    trained = json.loads((inputs["train"] / "model" / TRAINED_JSON).read_text())
+    write_card(
+        bundle, model_name=registry.model_name, version=version, metrics=metrics, lineage=stages, config={**resolved, "registry": registry.model_dump(mode="json")},
+        train_log=_read_jsonl(inputs["train"] / "train_log.jsonl"), train_stats=_read_json(inputs["train"] / "train_stats.json"),
+        base=base, method=trained.get("trained_with") or trained.get("method", "full"),
+    )
 
     url, written = publish_version(bundle, registry.url, registry.model_name, version, source)
     shutil.rmtree(bundle, ignore_errors=True)
@@ -77,6 +91,29 @@ def run(registry: RegistryConfig, evaluate: EvaluateConfig, *, inputs: dict[str,
     (out / "published.json").write_text(json.dumps({"url": url, "version": version}, indent=2))
     scores = {k: metrics[k] for k in ("perplexity", "accuracy", "macro_f1", "rouge_l") if k in metrics}
     return {"version": version, "url": url, "newly_published": written, **scores}
+
+
+def base_reference(train: Path, model: ModelConfig, registry: RegistryConfig, task: str) -> dict | None:
+    """What base.json records. An adapters-only model whose base exists nowhere else (a scratch
+    initialisation, a local folder) gets that base published first, so the version loads from
+    the registry alone."""
+    base = describe_base(model)
+    adapters_only = json.loads((train / "model" / TRAINED_JSON).read_text()).get("method") != "full"
+    if adapters_only and (base is None or "path" in base):
+        folder = train / "base" if base is None else Path(base["path"])
+        tokenizer = train / "tokenizer"
+        return publish_base(folder, tokenizer, registry.url, registry.model_name, task)
+    if base is not None and base.get("url") == registry.url:
+        del base["url"]  # the same registry: the reference stays valid when the registry is copied or moved
+    return base
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def still_valid(done: Artifact) -> bool:

@@ -18,7 +18,6 @@ failing); a folder it did not create is never deleted. Works on a local folder o
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import uuid
@@ -28,6 +27,7 @@ from typing import Any
 from pipeline import artifacts
 from pipeline.artifacts import MANIFEST, ArtifactError
 from pipeline.registry.aliases import aliases_of
+from pipeline.registry.local_copy import pull_version  # noqa: F401 (the registry's API; lives beside the copies it makes)
 from pipeline.registry.names import NAME_RULE, RegistryError, VersionExists, check_name, version_url  # noqa: F401 (the registry's API)
 
 def publish_version(local: Path, registry: str, model_name: str, version: str, source: dict[str, Any]) -> tuple[str, bool]:
@@ -132,38 +132,3 @@ def list_versions(registry: str) -> list[dict[str, Any]]:
     for row in rows:
         row["aliases"] = sorted(pointing.get((row["model"], row["version"]), []))
     return sorted(rows, key=lambda r: (r["model"] or "", r["created_unix"] or 0))
-
-
-def pull_version(registry: str, model_name: str, version: str, dest: Path) -> Path:
-    """Copy a version to `dest` (absent or an empty folder) and verify every file against its manifest.
-
-    The copy is made beside `dest` and renamed onto it once verified, so `dest` is never half-made,
-    and nothing that was there is deleted: a non-empty `dest` is refused."""
-    url = version_url(registry, model_name, version)
-    dest = Path(dest)
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise RegistryError(f"{dest} exists and is not an empty folder; pull into a new folder (nothing was changed)")
-    problems = artifacts.verify(url)
-    if problems:
-        raise RegistryError(f"{url} does not verify: " + "; ".join(problems[:5]))
-    fs, path = artifacts.filesystem(url)
-    manifest = json.loads(fs.cat_file(artifacts.join(path, MANIFEST)))
-    base = artifacts.join(path, artifacts.manifest_root(manifest)) if manifest.get("root") else path
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.parent / f".{dest.name}.pulling-{uuid.uuid4().hex}"
-    try:
-        for rel in manifest["files"]:
-            target = artifacts.inside(partial, rel, f"{url}/{MANIFEST}")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(artifacts.join(base, rel), str(target))
-        manifest.pop("root", None)  # the copy holds its files beside its manifest
-        (partial / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-        local_problems = artifacts.verify(str(partial))
-        if local_problems:
-            raise RegistryError(f"the copy of {url} does not verify: " + "; ".join(local_problems[:5]))
-        if dest.exists():
-            dest.rmdir()  # empty, checked above
-        os.rename(partial, dest)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return dest

@@ -9,12 +9,18 @@ from __future__ import annotations
 import importlib.metadata
 
 from pipeline.config import ModelConfig, SlurmConfig, TrainConfig
+from pipeline.registry.bases import registry_base
 
 
 def content_fingerprint(model: ModelConfig, train: TrainConfig, slurm: SlurmConfig) -> dict[str, str]:
     """Library versions (a new torch or transformers can change the weights for the same inputs)
     and the DeepSpeed JSON a run uses, which may be a user's own file edited between runs."""
     found = {name: importlib.metadata.version(name) for name in ("torch", "transformers")}
+    base = registry_base(model)
+    if base is not None:
+        # The version an alias named when the run was planned: moving the alias retrains, and the
+        # lineage of what this trains names the exact bytes it started from.
+        found["base"] = {"registry_version": base.reference, "manifest_sha256": base.manifest_sha256}
     if train.strategy == "deepspeed":
         from pipeline.train.parallel.zero_config import config_digest
 

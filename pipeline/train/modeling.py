@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from pipeline.config import ModelConfig
+from pipeline.registry.bases import model_source
 
 AUTO_CLASSES = {
     "causal_lm": AutoModelForCausalLM,
@@ -46,7 +47,7 @@ def build_model(cfg: ModelConfig, task: str, meta: dict, seed: int, load_kwargs:
         raise ValueError(f"unknown task {task!r}; expected one of {sorted(AUTO_CLASSES)}")
     torch.manual_seed(seed)
     if cfg.init == "pretrained":
-        return _pretrained(cfg.name, task, meta, load_kwargs or {})
+        return _pretrained(model_source(cfg), task, meta, load_kwargs or {})
     if task == "seq2seq":
         return T5ForConditionalGeneration(_t5_config(cfg, meta))
     if task == "classification":

@@ -152,6 +152,12 @@ def setup(cfg: PipelineConfig, tokenized: Path, info: DistInfo) -> Run:
     model_meta = dict(meta, block_size=meta["block_size"] + method.extra_positions(tcfg))
 
     model = build_model(cfg.model, task, model_meta, tcfg.seed, method.load_kwargs(tcfg))
+    positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if task == "causal_lm" and positions and positions < model_meta["block_size"]:
+        # Else an IndexError deep inside the embedding lookup at the first step.
+        raise ValueError(f"tokenize.block_size {meta['block_size']} + {method.extra_positions(tcfg)} virtual tokens needs "
+                         f"{model_meta['block_size']} positions, but the model has {positions}: lower tokenize.block_size "
+                         f"to {positions - method.extra_positions(tcfg)}")
     if tcfg.gradient_checkpointing:
         # Non-reentrant: works when the inputs need no grad (frozen embeddings, LoRA).
         # (transformers 5.23 renamed gradient_checkpointing_enable; older 5.x only has the old name.)

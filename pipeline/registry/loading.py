@@ -1,0 +1,171 @@
+"""Load a published version for inference: verified, offline, with its base and its own template.
+
+    from pipeline.registry.loading import load_version
+    loaded = load_version("registry", "support-bot@production")
+    ids = loaded.tokenizer(loaded.format_prompt("How do I reset my password?"), return_tensors="pt")
+
+The version is read from its verified local copy (local_copy.py). An adapters-only version loads
+its base from where `base.json` points: a `base/` folder pulled beside it (`registry pull
+--with-base`), the base's own version in the registry, or a hub id at its recorded revision. Only
+the last needs the Hugging Face Hub (or its local cache); the others need the registry alone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.artifacts import MANIFEST
+from pipeline.registry import aliases
+from pipeline.registry.base_records import base_registry, read_base, require_registry_ref
+from pipeline.registry.local_copy import local_copy
+from pipeline.registry.names import RegistryError
+
+_ARCHITECTURE_TASKS = {"ForCausalLM": "causal_lm", "LMHeadModel": "causal_lm", "ForSequenceClassification": "classification",
+                       "ForConditionalGeneration": "seq2seq", "ForSeq2SeqLM": "seq2seq"}
+
+
+@dataclass
+class LoadedVersion:
+    model: Any
+    tokenizer: Any
+    name: str
+    version: str
+    task: str
+    folder: Path
+    base: dict | None = None
+    config: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def reference(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def format_prompt(self, text: str) -> str:
+        return prompt_formatter(self.config, self.tokenizer)(text)
+
+
+def load_version(registry: str, reference: str) -> LoadedVersion:
+    """`MODEL@ALIAS` or `MODEL@VERSION` from `registry`, ready for inference (eval mode)."""
+    model, version = aliases.resolve(registry, reference)
+    return load_copy(local_copy(registry, model, version), registry)
+
+
+def version_record(folder: Path) -> dict:
+    """The version's model/tunepipe_trained.json: how its model/ folder was saved."""
+    from pipeline.train.methods.base import TRAINED_JSON
+
+    try:
+        return json.loads((folder / "model" / TRAINED_JSON).read_text())
+    except FileNotFoundError:
+        raise RegistryError(f"{folder}: no model/{TRAINED_JSON}; not a model version tunepipe published") from None
+
+
+def version_task(folder: Path, record: dict) -> str:
+    if record.get("task"):
+        return record["task"]
+    metrics = _read_json(folder / "metrics.json")
+    if metrics.get("task"):
+        return metrics["task"]
+    for architecture in record.get("config", {}).get("architectures") or []:
+        for suffix, task in _ARCHITECTURE_TASKS.items():
+            if architecture.endswith(suffix):
+                return task
+    return "causal_lm"
+
+
+def base_location(folder: Path, registry: str | None) -> tuple[str | None, dict]:
+    """(where the base of an adapters-only version loads from, extra from_pretrained kwargs)."""
+    reference = read_base(str(folder))
+    if reference is None:
+        return None, {}  # an older version: the base recorded at save time
+    if "registry" in reference:
+        pulled = folder / "base"
+        if (pulled / MANIFEST).is_file():
+            return str(pulled / "model"), {}
+        if registry is None:
+            raise RegistryError(f"{folder}: its base is {require_registry_ref(reference)}; pull it with --with-base or load from the registry")
+        model, version = require_registry_ref(reference)
+        return str(local_copy(base_registry(reference, registry), model, version) / "model"), {}
+    if "hub" in reference:
+        return reference["hub"], ({"revision": reference["revision"]} if reference.get("revision") else {})
+    path = Path(reference["path"])
+    if not path.is_dir():
+        raise RegistryError(f"{folder}: its base was the local folder {path}, which is not on this machine")
+    return str(path), {}
+
+
+def load_copy(folder: Path, registry: str | None = None) -> LoadedVersion:
+    """Load a verified copy of a version (layout as in the registry)."""
+    from transformers import AutoTokenizer
+
+    from pipeline.train.methods import load_trained
+
+    folder = Path(folder)
+    record = version_record(folder)
+    task = version_task(folder, record)
+    base, kwargs = base_location(folder, registry) if record.get("method") != "full" else (None, {})
+    model = load_trained(folder / "model", task, base=base, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    manifest = _read_json(folder / MANIFEST)
+    return LoadedVersion(
+        model=model,
+        tokenizer=tokenizer,
+        name=manifest.get("model_name", folder.name),
+        version=manifest.get("version", ""),
+        task=task,
+        folder=folder,
+        base=read_base(str(folder)),
+        config=_read_yaml(folder / "config.yaml"),
+        metrics=_read_json(folder / "metrics.json"),
+    )
+
+
+def prompt_formatter(config: dict, tokenizer):
+    """The text a version was trained to answer after: the user's words normalised as preprocess
+    did, then put in its prompt template (or the tokenizer's chat template for a chat model)."""
+    preprocess = config.get("preprocess") or {}
+    normalize = _normalizer(preprocess)
+    template = preprocess.get("template", "prompt_response")
+
+    def format_prompt(text: str) -> str:
+        text = normalize(text)
+        if template == "prompt_response":
+            return preprocess.get("prompt_template", "{prompt}").format_map({"prompt": text})
+        if template == "instruction":
+            return preprocess.get("instruction_template_no_input", "{instruction}").format_map({"instruction": text})
+        if template == "chat" and getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        return text
+
+    return format_prompt
+
+
+def _normalizer(preprocess: dict):
+    from pipeline.config import PreprocessConfig
+    from pipeline.data.normalize import make_normalizer
+
+    known = {k: v for k, v in preprocess.items() if k in PreprocessConfig.model_fields}
+    try:
+        normalize = make_normalizer(PreprocessConfig(**known))
+    except ValueError:
+        return lambda text: text
+    return lambda text: (normalize([text]).to_pylist()[0] or "")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        return {}

@@ -1,0 +1,44 @@
+"""`tunepipe generate`: one completion from a published version, in the version's own template.
+
+    tunepipe generate support-bot@production --prompt "How do I reset my password?"
+    tunepipe generate lm@latest --adapter support-bot@latest --prompt "..."   # an adapter on another base
+
+Greedy decoding (the evaluate stage's `generate`), so the same version answers the same prompt the
+same way every time and two versions can be compared.
+"""
+
+from __future__ import annotations
+
+from pipeline.registry import aliases
+from pipeline.registry.loading import load_version, prompt_formatter, version_record
+from pipeline.registry.local_copy import local_copy
+from pipeline.registry.names import RegistryError
+
+
+def generate_from_registry(registry: str, reference: str, prompt: str, max_new_tokens: int = 40,
+                           adapter: str | None = None, raw: bool = False) -> str:
+    from pipeline.evaluate.stage import generate
+
+    loaded = load_version(registry, reference)
+    model, tokenizer, config = loaded.model, loaded.tokenizer, loaded.config
+    if adapter is not None:
+        model, config = attach_adapter(registry, adapter, loaded)
+    text = prompt if raw else prompt_formatter(config, tokenizer)(prompt)
+    return generate(model, tokenizer, text, max_new_tokens)
+
+
+def attach_adapter(registry: str, adapter: str, base):
+    """(the base with an adapters-only version's PEFT weights on it, that version's config)."""
+    import yaml
+    from peft import PeftModel
+
+    name, version = aliases.resolve(registry, adapter)
+    copy = local_copy(registry, name, version)
+    record = version_record(copy)
+    if record.get("method") != "peft":
+        raise RegistryError(f"{name}@{version} is not a PEFT adapter version (it holds {record.get('trained_with', record.get('method'))}); "
+                            "load it on its own")
+    if base.task != "causal_lm":
+        raise RegistryError(f"generate needs a causal LM; {base.reference} is {base.task}")
+    config = yaml.safe_load((copy / "config.yaml").read_text()) if (copy / "config.yaml").is_file() else {}
+    return PeftModel.from_pretrained(base.model, copy / "model").eval(), config
