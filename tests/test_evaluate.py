@@ -89,7 +89,7 @@ def test_publish_refuses_with_the_metric_and_threshold_that_failed(tmp_path):
     (tmp_path / "evaluate" / "metrics.json").write_text(json.dumps({"task": "seq2seq", "rouge_l": 0.125, "gate": gate}))
     cfg = build_config({})
     with pytest.raises(publish.GateFailed, match=r"\(seq2seq\): rouge_l 0.125 is not >= evaluate.min_rouge_l 0.4; not publishing"):
-        publish.run(cfg.registry, cfg.evaluate, inputs={"evaluate": tmp_path / "evaluate"}, out=tmp_path, scratch=tmp_path)
+        publish.run(cfg.registry, cfg.evaluate, cfg.model, inputs={"evaluate": tmp_path / "evaluate"}, out=tmp_path, scratch=tmp_path)
 
 
 # ---------------------------------------------------------------- per task
@@ -117,7 +117,7 @@ def test_causal_lm_perplexity_generations_and_gate(tmp_path):
     assert metrics["gate"]["not_applicable"] == {"min_accuracy": 0.5}
     assert stats["gate_passed"] is False and stats["perplexity"] == round(metrics["perplexity"], 5)
     with pytest.raises(publish.GateFailed, match=r"perplexity [\d.]+ is not <= evaluate.max_perplexity 1.0001"):
-        publish.run(cfg.registry, cfg.evaluate, inputs={"evaluate": tmp_path / "eval"}, out=tmp_path, scratch=tmp_path)
+        publish.run(cfg.registry, cfg.evaluate, cfg.model, inputs={"evaluate": tmp_path / "eval"}, out=tmp_path, scratch=tmp_path)
 
 
 TEXTS = ["the router is broken", "pay my bill", "thanks a lot", "bill me twice", "router lights blink", "great service"]

@@ -51,6 +51,7 @@ EXPECTED_COMMANDS = [
     "tunepipe registry list --registry registry",
     "tunepipe registry verify quickstart-gpt2 <version> --registry registry",
     "tunepipe registry pull quickstart-gpt2 <version> ./my-model --registry registry",
+    'tunepipe generate quickstart-gpt2@latest --prompt "How do I reset my password?" --registry registry',
     "python examples/debian_corpus.py runs/data/debian6.csv",
     "tunepipe run examples/minilm_classification.yaml",
     "tunepipe run examples/quickstart.yaml --set train.lrr=1",
@@ -240,6 +241,8 @@ def prerequisites(command: str) -> list[str]:
         return [s.command for s in SHOWN if "debian_corpus.py" in s.command]
     if command.startswith("tunepipe registry push "):  # pushes the folder the by-hand torchrun wrote
         return [s.command for s in SHOWN if s.command.startswith("torchrun ")]
+    if command.startswith("tunepipe generate "):  # generates with what the quickstart published
+        return [next(s.command for s in SHOWN if s.command.startswith("tunepipe run examples/quickstart.yaml"))]
     return []
 
 
@@ -349,6 +352,19 @@ def check_registry(session: Session, shown: Shown, ran: Ran) -> None:
         assert (Path(args.names[-1]) / weights).read_bytes() == (url / weights).read_bytes()
 
 
+def check_generate(session: Session, shown: Shown, ran: Ran) -> None:
+    """The completion the published quickstart gives, greedy, in its own template: the same text
+    this process gets from the registry."""
+    from pipeline.cli import build_parser
+    from pipeline.serve.generate import generate_from_registry
+
+    assert ran.returncode == 0, ran.describe()
+    args = build_parser().parse_args(ran.argv[1:])
+    assert Path(args.registry) == session.registry
+    expected = generate_from_registry(str(session.registry), args.model, args.prompt[0], args.max_new_tokens)
+    assert ran.stdout == expected + "\n", ran.describe()
+
+
 def check_push(session: Session, args, ran: Ran) -> None:
     """The folder is now a committed version holding exactly its files, byte for byte."""
     from pipeline import artifacts
@@ -402,7 +418,7 @@ def checker(shown: Shown):
         return check_debian_corpus
     if words[0] == "tunepipe":
         return {"run": check_pipeline_run, "stage": check_stage, "config": check_config_keys, "registry": check_registry,
-                "deploy": check_deploy_print}[words[1]]
+                "deploy": check_deploy_print, "generate": check_generate}[words[1]]
     raise AssertionError(f"{shown.command!r}: no check for it")
 
 

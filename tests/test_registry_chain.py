@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny import REPO, cli_args, run_cli
+from tiny import REPO, cli_args
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -30,8 +30,20 @@ def fruit_csv(path: Path, answer: str, rows: int = 120) -> Path:
     return path
 
 
-def registry_cli(*args: str, **kw) -> subprocess.CompletedProcess:
-    return run_cli(list(args), **kw)
+def registry_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`tunepipe ARGS` in this process (the same main(), without a new interpreter's seconds of
+    imports); it must exit 0. The offline and server tests below start real processes."""
+    import contextlib
+    import io
+
+    from pipeline.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    done = subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+    assert code == 0 or not check, done
+    return done
 
 
 def one_version(registry: Path, model: str) -> Path:
@@ -45,19 +57,19 @@ def chain(tmp_path_factory):
     root = tmp_path_factory.mktemp("chain")
     work, registry = root / "work", root / "registry"
     # 1. A language model (scratch GPT-2, full fine-tune), published and promoted.
-    run_cli(cli_args("stage", work, registry, "publish", **{"registry.model_name": "lm", "train.max_steps": 40}))
+    registry_cli(*cli_args("stage", work, registry, "publish", **{"registry.model_name": "lm", "train.max_steps": 20}))
     registry_cli("registry", "promote", "lm@latest", "--to", "production", "--registry", str(registry))
     # 2. Two adapters on lm@production, each taught one answer. The lm's positions are the tiny
     #    block size (32): the soft prompt's 4 virtual tokens need a block of 28.
     on_lm = {"model.init": "pretrained", "model.name": "registry://lm@production", "tokenize.block_size": 28,
-             "train.max_steps": 30, "train.warmup_steps": 2, "sample.count": None, "sample.validation_fraction": 0.1}
+             "train.max_steps": 10, "train.warmup_steps": 2, "sample.count": None, "sample.validation_fraction": 0.1}
     for name, method, lr in (("apple", "prompt_tuning", 0.3), ("banana", "lora", 0.02)):
         data = fruit_csv(root / f"{name}.csv", FRUIT[name])
-        run_cli(cli_args("stage", work, registry, "publish", **on_lm, **{
+        registry_cli(*cli_args("stage", work, registry, "publish", **on_lm, **{
             "data.source": data, "registry.model_name": f"bot-{name}", "train.method": method, "train.lr": lr,
             "train.num_virtual_tokens": 4, "train.lora_r": 8, "train.lora_alpha": 32}))
     # 3. LoRA on a scratch model: its random initialisation exists nowhere else.
-    run_cli(cli_args("stage", work, registry, "publish", **{"registry.model_name": "scratch-lora", "train.method": "lora", "train.max_steps": 10}))
+    registry_cli(*cli_args("stage", work, registry, "publish", **{"registry.model_name": "scratch-lora", "train.method": "lora", "train.max_steps": 5}))
     return {"root": root, "work": work, "registry": registry}
 
 
@@ -183,10 +195,8 @@ def test_export_merge_matches_the_adapter_models_logits(chain, tmp_path):
 
 
 def test_export_merge_refuses_a_soft_prompt(chain, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "registry", "export", "bot-apple@latest", str(tmp_path / "x"), "--merge",
-         "--registry", str(chain["registry"])], cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
+    proc = registry_cli("registry", "export", "bot-apple@latest", str(tmp_path / "x"), "--merge",
+                        "--registry", str(chain["registry"]), check=False)
     assert proc.returncode == 1
     assert "prompt_tuning" in proc.stderr and "without --merge" in proc.stderr, proc.stderr
     assert not (tmp_path / "x").exists()
@@ -242,13 +252,23 @@ def test_serve_two_adapters_on_one_registry_base(chain, tmp_path):
     for name, reference in (("apple", "bot-apple@latest"), ("banana", "bot-banana@latest")):
         expected = registry_cli("generate", reference, "--registry", registry, "--prompt", prompt, "--max-new-tokens", "4").stdout
         assert answers[name] == expected[:-1], (name, answers[name], expected)
-    assert answers["apple"] != answers["lm@production"] or answers["banana"] != answers["lm@production"], answers
+    # Each adapter really changes the model (the tiny base, 20 steps in, answers "s" to nearly
+    # everything, so the texts may agree; tests/test_serve.py shows distinct texts on stronger weights).
+    import torch
+
+    from pipeline.registry.loading import load_version
+
+    ids = load_version(registry, "lm@production").tokenizer("### Question:\nshop\n### Answer:\n", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        last = {ref: load_version(registry, ref).model(input_ids=ids).logits[0, -1]
+                for ref in ("lm@production", "bot-apple@latest", "bot-banana@latest")}
+    assert not torch.allclose(last["bot-apple@latest"], last["lm@production"], atol=1e-4)
+    assert not torch.allclose(last["bot-banana@latest"], last["lm@production"], atol=1e-4)
 
 
-def test_serve_refuses_an_adapter_of_another_base(chain, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "serve", "--registry", str(chain["registry"]),
-                           "--base", "lm@production", "--adapter", "s=scratch-lora@latest", "--port", "0"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+def test_serve_refuses_an_adapter_of_another_base(chain):
+    proc = registry_cli("serve", "--registry", str(chain["registry"]), "--base", "lm@production",
+                        "--adapter", "s=scratch-lora@latest", "--port", "0", check=False)
     assert proc.returncode == 1
     assert "not on lm@" in proc.stderr and "scratch-lora-base@" in proc.stderr, proc.stderr
 
@@ -263,3 +283,7 @@ def test_generate_uses_the_versions_template(chain):
     raw = registry_cli("generate", "bot-banana@latest", "--registry", str(chain["registry"]), "--raw",
                        "--prompt", loaded.format_prompt(prompt), "--max-new-tokens", "6")
     assert proc.stdout == raw.stdout and proc.stdout.strip("\n") != ""
+    # --adapter: the adapter version applied on the base named first; here its own base, so the same tokens.
+    on_base = registry_cli("generate", "lm@production", "--adapter", "bot-banana@latest", "--registry", str(chain["registry"]),
+                           "--prompt", prompt, "--max-new-tokens", "6")
+    assert on_base.stdout == proc.stdout and "warning" not in on_base.stderr

@@ -11,16 +11,16 @@ folder) is first published as a version of `<model>-base`, named by its content,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 from pipeline import artifacts
 from pipeline.artifacts import MANIFEST
 from pipeline.config import ModelConfig
-from pipeline.registry.bases import TRAINED_JSON, registry_base
-from pipeline.registry.names import RegistryError
+from pipeline.registry.bases import TRAINED_JSON, registry_base, version_layout
+from pipeline.registry.names import RegistryError, version_url
 
 BASE_JSON = "base.json"
 
@@ -48,7 +48,7 @@ def _hub_revision(name: str) -> str | None:
         return None
 
 
-def publish_base(folder: Path, tokenizer: Path, registry: str, model_name: str, task: str) -> dict:
+def publish_base(folder: Path, tokenizer: Path, registry: str, model_name: str, task: str, scratch: Path) -> dict:
     """Publish a base that exists nowhere else as a version of `<model_name>-base`, named by its
     content (the same initialisation publishes once); return its base.json reference."""
     from pipeline.registry.store import publish_version
@@ -56,8 +56,12 @@ def publish_base(folder: Path, tokenizer: Path, registry: str, model_name: str, 
     digests = {rel: artifacts.sha256_file(folder / rel) for rel in artifacts.list_files(folder) if not rel.startswith(".")}
     version = artifacts.hash_json(digests)[:12]
     base_name = f"{model_name}-base"
-    bundle = folder.parent / f".base-bundle-{version}-{hashlib.sha1(str(folder).encode()).hexdigest()[:6]}"
-    shutil.rmtree(bundle, ignore_errors=True)
+    reference = {"registry": {"model": base_name, "version": version}}
+    if artifacts.exists(artifacts.join(version_url(registry, base_name, version), MANIFEST)):
+        return reference  # published by an earlier version: the same bytes, no copy needed
+    # Staged in the publish stage's scratch, a folder of this publish's own: never beside the base
+    # (a local folder of the user's, perhaps read-only).
+    bundle = Path(tempfile.mkdtemp(prefix="base-bundle-", dir=scratch))
     try:
         shutil.copytree(folder, bundle / "model", ignore=shutil.ignore_patterns(".*", MANIFEST))
         shutil.copytree(tokenizer, bundle / "tokenizer", ignore=shutil.ignore_patterns(".*", MANIFEST))
@@ -72,7 +76,7 @@ def publish_base(folder: Path, tokenizer: Path, registry: str, model_name: str, 
         publish_version(bundle, registry, base_name, version, {"base_files_sha256": artifacts.hash_json(digests)})
     finally:
         shutil.rmtree(bundle, ignore_errors=True)
-    return {"registry": {"model": base_name, "version": version}}
+    return reference
 
 
 def read_base(folder: str) -> dict | None:
@@ -101,7 +105,7 @@ def pull_base(registry: str, pulled: Path) -> str | None:
     from pipeline.registry.local_copy import pull_version
 
     reference = read_base(str(pulled))
-    record = json.loads((Path(pulled) / "model" / TRAINED_JSON).read_text())
+    record = version_layout(Path(pulled))[2]
     if record.get("method") == "full" or reference is None or ("registry" not in reference and "hub" not in reference):
         return None  # a whole model loads alone
     if "hub" in reference:

@@ -68,7 +68,7 @@ def model_source(model: ModelConfig) -> str:
     from pipeline.registry.local_copy import derived_folder, local_copy
 
     copy = local_copy(base.registry, base.model, base.version)
-    record = json.loads((copy / "model" / TRAINED_JSON).read_text())
+    record = version_layout(copy)[2]
     if record.get("method") != "full":
         raise RegistryError(
             f"model.name {model.name}: {base.reference} holds {record.get('trained_with', 'adapter')} adapters only, not a "
@@ -78,10 +78,26 @@ def model_source(model: ModelConfig) -> str:
     return str(derived_folder(base.registry, base.model, base.version, "hf", lambda dest: write_whole_model(copy, dest)))
 
 
+def version_layout(copy: Path) -> tuple[Path, Path, dict]:
+    """(model folder, tokenizer folder, how the model was saved) of a version's copy. A version the
+    pipeline published has model/ (with tunepipe_trained.json) and tokenizer/; one pushed from a
+    plain Hugging Face folder (`registry push`, e.g. an `export --merge`) is a whole model whose
+    weights, config and tokenizer sit side by side."""
+    record_path = copy / "model" / TRAINED_JSON
+    if record_path.is_file():
+        return copy / "model", copy / "tokenizer", json.loads(record_path.read_text())
+    if (copy / "config.json").is_file():
+        config = json.loads((copy / "config.json").read_text())
+        return copy, copy, {"method": "full", "trained_with": "a pushed Hugging Face folder", "base": None, "config": config}
+    raise RegistryError(f"{copy}: neither model/{TRAINED_JSON} (a version the pipeline published) nor config.json "
+                        "(a pushed Hugging Face folder): not a model version")
+
+
 def write_whole_model(copy: Path, dest: Path) -> None:
     """A whole-model version's weights, config and tokenizer, side by side in `dest` (plain
     Hugging Face layout; tunepipe's own record left out)."""
-    for folder in (copy / "model", copy / "tokenizer"):
+    model_dir, tokenizer_dir, _ = version_layout(copy)
+    for folder in dict.fromkeys((model_dir, tokenizer_dir)):
         for path in sorted(folder.iterdir()):
-            if path.is_file() and path.name not in (TRAINED_JSON, MANIFEST):
+            if path.is_file() and path.name not in (TRAINED_JSON, MANIFEST) and not (dest / path.name).exists():
                 shutil.copy2(path, dest / path.name)

@@ -52,7 +52,8 @@ def export(registry: str, reference: str, dest: Path, merge: bool = False) -> Pa
 def write_plain(registry: str, model: str, version: str, dest: Path, merge: bool = False, final: Path | None = None) -> None:
     """Write `model/version` into the existing empty folder `dest`. `final`: where `dest` will be
     renamed to (adapter_config.json must name the base's final place)."""
-    from pipeline.registry.loading import base_location, version_record
+    from pipeline.registry.base_records import read_base
+    from pipeline.registry.loading import base_copy, base_location, version_record
     from pipeline.registry.local_copy import local_copy
 
     copy = local_copy(registry, model, version)
@@ -65,12 +66,14 @@ def write_plain(registry: str, model: str, version: str, dest: Path, merge: bool
         _write_merged(copy, registry, dest, record)
     elif kind == "peft":
         _copy_files(copy / "model", dest)
-        base, kwargs = base_location(copy, registry)
-        if base is not None and Path(base).is_dir():
-            _copy_files(Path(base), dest / "base")
-            _copy_files(Path(base).parent / "tokenizer", dest / "base")
-            base = str((final or dest) / "base")
-        _point_adapter_at(dest / "adapter_config.json", base, kwargs.get("revision"))
+        reference = read_base(str(copy)) or {}
+        if "registry" in reference:
+            (dest / "base").mkdir()
+            write_whole_model(base_copy(copy, reference, registry), dest / "base")
+            _point_adapter_at(dest / "adapter_config.json", str((final or dest) / "base"), None)
+        else:
+            base, kwargs = base_location(copy, registry)
+            _point_adapter_at(dest / "adapter_config.json", base, kwargs.get("revision"))
     else:
         raise RegistryError(f"{model}@{version} holds {record.get('trained_with', kind)} adapters, which are tunepipe's own "
                             "modules, not a Hugging Face format; load it with tunepipe (generate, serve, load_version)")

@@ -22,6 +22,7 @@ import yaml
 from pipeline.artifacts import MANIFEST
 from pipeline.registry import aliases
 from pipeline.registry.base_records import base_registry, read_base, require_registry_ref
+from pipeline.registry.bases import TRAINED_JSON, version_layout
 from pipeline.registry.local_copy import local_copy
 from pipeline.registry.names import RegistryError
 
@@ -56,13 +57,8 @@ def load_version(registry: str, reference: str) -> LoadedVersion:
 
 
 def version_record(folder: Path) -> dict:
-    """The version's model/tunepipe_trained.json: how its model/ folder was saved."""
-    from pipeline.train.methods.base import TRAINED_JSON
-
-    try:
-        return json.loads((folder / "model" / TRAINED_JSON).read_text())
-    except FileNotFoundError:
-        raise RegistryError(f"{folder}: no model/{TRAINED_JSON}; not a model version tunepipe published") from None
+    """How the version's model was saved (model/tunepipe_trained.json; a pushed plain folder: whole)."""
+    return version_layout(folder)[2]
 
 
 def version_task(folder: Path, record: dict) -> str:
@@ -84,13 +80,7 @@ def base_location(folder: Path, registry: str | None) -> tuple[str | None, dict]
     if reference is None:
         return None, {}  # an older version: the base recorded at save time
     if "registry" in reference:
-        pulled = folder / "base"
-        if (pulled / MANIFEST).is_file():
-            return str(pulled / "model"), {}
-        if registry is None:
-            raise RegistryError(f"{folder}: its base is {require_registry_ref(reference)}; pull it with --with-base or load from the registry")
-        model, version = require_registry_ref(reference)
-        return str(local_copy(base_registry(reference, registry), model, version) / "model"), {}
+        return str(version_layout(base_copy(folder, reference, registry))[0]), {}
     if "hub" in reference:
         return reference["hub"], ({"revision": reference["revision"]} if reference.get("revision") else {})
     path = Path(reference["path"])
@@ -99,18 +89,33 @@ def base_location(folder: Path, registry: str | None) -> tuple[str | None, dict]
     return str(path), {}
 
 
+def base_copy(folder: Path, reference: dict, registry: str | None) -> Path:
+    """The verified copy of a registry base: pulled beside the version (`--with-base`), else from the registry."""
+    pulled = folder / "base"
+    if (pulled / MANIFEST).is_file():
+        return pulled
+    if registry is None:
+        raise RegistryError(f"{folder}: its base is {require_registry_ref(reference)}; pull it with --with-base or load from the registry")
+    model, version = require_registry_ref(reference)
+    return local_copy(base_registry(reference, registry), model, version)
+
+
 def load_copy(folder: Path, registry: str | None = None) -> LoadedVersion:
     """Load a verified copy of a version (layout as in the registry)."""
     from transformers import AutoTokenizer
 
     from pipeline.train.methods import load_trained
+    from pipeline.train.modeling import AUTO_CLASSES
 
     folder = Path(folder)
-    record = version_record(folder)
+    model_dir, tokenizer_dir, record = version_layout(folder)
     task = version_task(folder, record)
-    base, kwargs = base_location(folder, registry) if record.get("method") != "full" else (None, {})
-    model = load_trained(folder / "model", task, base=base, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    if (model_dir / TRAINED_JSON).is_file():
+        base, kwargs = base_location(folder, registry) if record.get("method") != "full" else (None, {})
+        model = load_trained(model_dir, task, base=base, **kwargs)
+    else:  # a pushed plain Hugging Face folder
+        model = AUTO_CLASSES[task].from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     manifest = _read_json(folder / MANIFEST)
     return LoadedVersion(
         model=model,

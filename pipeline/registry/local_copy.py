@@ -44,21 +44,64 @@ def version_cache(registry: str, model: str, version: str) -> Path:
 def local_copy(registry: str, model: str, version: str) -> Path:
     """A verified local copy of `model/version` (layout as in the registry: model/, tokenizer/, ...)."""
     dest = version_cache(registry, model, version) / "copy"
-    if (dest / MANIFEST).is_file():
-        check_copy(dest)
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # Each puller pulls into a folder of its own, then renames it onto `dest`: the first wins.
-    mine = dest.parent / f".copy-{uuid.uuid4().hex}"
-    pull_version(registry, model, version, mine)
+    if not _reusable(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        # Each puller pulls into a folder of its own, then renames it onto `dest`: the first wins.
+        mine = dest.parent / f".copy-{uuid.uuid4().hex}"
+        try:
+            pull_version(registry, model, version, mine)
+            _record_mtimes(mine)
+            _rename_or_lose(mine, dest)
+        finally:
+            shutil.rmtree(mine, ignore_errors=True)
+    return dest
+
+
+def derived_folder(registry: str, model: str, version: str, kind: str, build) -> Path:
+    """A folder made from a version's copy (e.g. `hf`: the plain Hugging Face folder a base model
+    loads from), built once by `build(dest)` into a private folder, given a manifest of what was
+    built, and renamed into place; checked against that manifest like a copy on every reuse."""
+    dest = version_cache(registry, model, version) / kind
+    if not _reusable(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        mine = dest.parent / f".{kind}-{uuid.uuid4().hex}"
+        try:
+            mine.mkdir()
+            build(mine)
+            (mine / MANIFEST).write_text(json.dumps({"files": artifacts.file_entries(mine, mtimes=True)}, indent=1, sort_keys=True))
+            _rename_or_lose(mine, dest)
+        finally:
+            shutil.rmtree(mine, ignore_errors=True)
+    return dest
+
+
+def _record_mtimes(copy: Path) -> None:
+    """Note each verified file's modification time in the copy's manifest: a later edit that keeps
+    the size is then hashed again on reuse (artifacts.check_files), not only under --verify."""
+    manifest = json.loads((copy / MANIFEST).read_text())
+    for rel, entry in manifest["files"].items():
+        entry["mtime_ns"] = (copy / rel).stat().st_mtime_ns
+    (copy / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+
+
+def _reusable(folder: Path) -> bool:
+    """Whether `folder` holds a finished copy: checked and True; absent: False; anything else
+    (files without their manifest, files that no longer match it) is refused, never rebuilt over."""
+    if (folder / MANIFEST).is_file():
+        check_copy(folder)
+        return True
+    if folder.exists():
+        raise RegistryError(f"the local copy {folder} is damaged (no {MANIFEST}); delete it to pull the version again")
+    return False
+
+
+def _rename_or_lose(mine: Path, dest: Path) -> None:
     try:
         os.rename(mine, dest)
     except OSError:
-        if not (dest / MANIFEST).is_file():
-            raise
-    finally:
-        shutil.rmtree(mine, ignore_errors=True)
-    return dest
+        if not (dest / MANIFEST).is_file():  # not another process's finished copy
+            raise RegistryError(f"the local copy {dest} could not be made (it exists, without {MANIFEST}); "
+                                "delete it to pull the version again") from None
 
 
 def check_copy(folder: Path) -> None:
@@ -69,29 +112,6 @@ def check_copy(folder: Path) -> None:
         artifacts.check_files(str(folder), manifest, full=artifacts.verify_requested())
     except (ArtifactError, ValueError, KeyError) as e:
         raise RegistryError(f"the local copy {folder} is damaged ({e}); delete it to pull the version again") from None
-
-
-def derived_folder(registry: str, model: str, version: str, kind: str, build) -> Path:
-    """A folder made from a version's copy (e.g. `hf`: the plain Hugging Face folder that a base
-    model loads from), built once by `build(dest)` into a private folder and renamed into place."""
-    dest = version_cache(registry, model, version) / kind
-    done = dest / ".complete"
-    if done.is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    mine = dest.parent / f".{kind}-{uuid.uuid4().hex}"
-    try:
-        mine.mkdir()
-        build(mine)
-        (mine / ".complete").write_text("")
-        try:
-            os.rename(mine, dest)
-        except OSError:
-            if not done.is_file():
-                raise
-    finally:
-        shutil.rmtree(mine, ignore_errors=True)
-    return dest
 
 
 def pull_version(registry: str, model_name: str, version: str, dest: Path) -> Path:

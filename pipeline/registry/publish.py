@@ -74,7 +74,7 @@ def run(registry: RegistryConfig, evaluate: EvaluateConfig, model: ModelConfig, 
         resolved.update(stage["config"])
     (bundle / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=True))
     (bundle / "lineage.json").write_text(json.dumps(stages, indent=2, sort_keys=True, default=str))
-    base = base_reference(inputs["train"], model, registry, metrics.get("task", "causal_lm"))
+    base = base_reference(inputs["train"], model, registry, metrics.get("task", "causal_lm"), scratch)
     if base is not None:
         (bundle / BASE_JSON).write_text(json.dumps(base, indent=2, sort_keys=True))
     trained = json.loads((inputs["train"] / "model" / TRAINED_JSON).read_text())
@@ -93,7 +93,7 @@ def run(registry: RegistryConfig, evaluate: EvaluateConfig, model: ModelConfig, 
     return {"version": version, "url": url, "newly_published": written, **scores}
 
 
-def base_reference(train: Path, model: ModelConfig, registry: RegistryConfig, task: str) -> dict | None:
+def base_reference(train: Path, model: ModelConfig, registry: RegistryConfig, task: str, scratch: Path) -> dict | None:
     """What base.json records. An adapters-only model whose base exists nowhere else (a scratch
     initialisation, a local folder) gets that base published first, so the version loads from
     the registry alone."""
@@ -102,7 +102,7 @@ def base_reference(train: Path, model: ModelConfig, registry: RegistryConfig, ta
     if adapters_only and (base is None or "path" in base):
         folder = train / "base" if base is None else Path(base["path"])
         tokenizer = train / "tokenizer"
-        return publish_base(folder, tokenizer, registry.url, registry.model_name, task)
+        return publish_base(folder, tokenizer, registry.url, registry.model_name, task, scratch)
     if base is not None and base.get("url") == registry.url:
         del base["url"]  # the same registry: the reference stays valid when the registry is copied or moved
     return base

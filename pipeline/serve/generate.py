@@ -9,7 +9,10 @@ same way every time and two versions can be compared.
 
 from __future__ import annotations
 
+import sys
+
 from pipeline.registry import aliases
+from pipeline.registry.base_records import read_base
 from pipeline.registry.loading import load_version, prompt_formatter, version_record
 from pipeline.registry.local_copy import local_copy
 from pipeline.registry.names import RegistryError
@@ -40,5 +43,10 @@ def attach_adapter(registry: str, adapter: str, base):
                             "load it on its own")
     if base.task != "causal_lm":
         raise RegistryError(f"generate needs a causal LM; {base.reference} is {base.task}")
+    trained_on = (read_base(str(copy)) or {}).get("registry") or {}
+    if (trained_on.get("model"), trained_on.get("version")) != (base.name, base.version):
+        # Allowed (trying an adapter on a newer base is a fair experiment), but never silently.
+        print(f"tunepipe: warning: {name}@{version} was trained on {trained_on.get('model')}@{trained_on.get('version')}, "
+              f"not on {base.reference}", file=sys.stderr)
     config = yaml.safe_load((copy / "config.yaml").read_text()) if (copy / "config.yaml").is_file() else {}
     return PeftModel.from_pretrained(base.model, copy / "model").eval(), config
