@@ -57,11 +57,12 @@ def chain(tmp_path_factory):
     root = tmp_path_factory.mktemp("chain")
     work, registry = root / "work", root / "registry"
     # 1. A language model (scratch GPT-2, full fine-tune), published and promoted.
-    registry_cli(*cli_args("stage", work, registry, "publish", **{"registry.model_name": "lm", "train.max_steps": 20}))
+    # 64 positions: the prompts compared below (evaluate's, then `generate`'s) fit whole.
+    registry_cli(*cli_args("stage", work, registry, "publish", **{"registry.model_name": "lm", "train.max_steps": 20, "tokenize.block_size": 64}))
     registry_cli("registry", "promote", "lm@latest", "--to", "production", "--registry", str(registry))
-    # 2. Two adapters on lm@production, each taught one answer. The lm's positions are the tiny
-    #    block size (32): the soft prompt's 4 virtual tokens need a block of 28.
-    on_lm = {"model.init": "pretrained", "model.name": "registry://lm@production", "tokenize.block_size": 28,
+    # 2. Two adapters on lm@production, each taught one answer. The lm has 64 positions: the soft
+    #    prompt's 4 virtual tokens need a block of 60.
+    on_lm = {"model.init": "pretrained", "model.name": "registry://lm@production", "tokenize.block_size": 60,
              "train.max_steps": 10, "train.warmup_steps": 2, "sample.count": None, "sample.validation_fraction": 0.1}
     for name, method, lr in (("apple", "prompt_tuning", 0.3), ("banana", "lora", 0.02)):
         data = fruit_csv(root / f"{name}.csv", FRUIT[name])
@@ -69,7 +70,9 @@ def chain(tmp_path_factory):
             "data.source": data, "registry.model_name": f"bot-{name}", "train.method": method, "train.lr": lr,
             "train.num_virtual_tokens": 4, "train.lora_r": 8, "train.lora_alpha": 32}))
     # 3. LoRA on a scratch model: its random initialisation exists nowhere else.
-    registry_cli(*cli_args("stage", work, registry, "publish", **{"registry.model_name": "scratch-lora", "train.method": "lora", "train.max_steps": 5}))
+    registry_cli(*cli_args("stage", work, registry, "publish", **{
+        "registry.model_name": "scratch-lora", "train.method": "lora", "train.max_steps": 5, "tokenize.block_size": 64,
+        "data.source": root / "apple.csv", "sample.count": None}))
     return {"root": root, "work": work, "registry": registry}
 
 
@@ -234,7 +237,7 @@ def test_serve_two_adapters_on_one_registry_base(chain, tmp_path):
     try:
         client = OpenAI(base_url=url, api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["lm@production", "apple", "banana"]
-        prompt = "shop"  # the tiny lm has 32 positions: a longer prompt is refused with a 400 (tested in test_serve.py)
+        prompt = "shop"
         answers = {}
         for name in ("lm@production", "apple", "banana"):
             done = client.completions.create(model=name, prompt=prompt, max_tokens=4)
@@ -287,3 +290,8 @@ def test_generate_uses_the_versions_template(chain):
     on_base = registry_cli("generate", "lm@production", "--adapter", "bot-banana@latest", "--registry", str(chain["registry"]),
                            "--prompt", prompt, "--max-new-tokens", "6")
     assert on_base.stdout == proc.stdout and "warning" not in on_base.stderr
+    # The model reads 64 positions: a longer answer is cut to fit (and said); a prompt that does not fit is refused.
+    capped = registry_cli("generate", "bot-banana@latest", "--registry", str(chain["registry"]), "--prompt", prompt, "--max-new-tokens", "500")
+    assert "tunepipe: note: generating" in capped.stderr and "not 500" in capped.stderr
+    refused = registry_cli("generate", "bot-banana@latest", "--registry", str(chain["registry"]), "--prompt", "shop " * 200, check=False)
+    assert refused.returncode == 1 and "shorten the prompt" in refused.stderr, refused

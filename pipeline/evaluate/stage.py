@@ -93,8 +93,10 @@ def perplexity(model, blocks, max_batches: int) -> tuple[float, int]:
 def generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
-    # Keep room inside the position table for the answer, and for a soft prompt's virtual tokens.
+    # Keep room inside the position table for the answer, and for a soft prompt's virtual tokens;
+    # an answer longer than the table allows is cut to fit (else an IndexError in the embedding).
     virtual = virtual_tokens(model)
+    max_new_tokens = max(1, min(max_new_tokens, limit - virtual - 1))
     ids = ids[:, -max(1, limit - max_new_tokens - virtual) :]
     out = model.generate(
         input_ids=ids,

@@ -27,7 +27,26 @@ def generate_from_registry(registry: str, reference: str, prompt: str, max_new_t
     if adapter is not None:
         model, config = attach_adapter(registry, adapter, loaded)
     text = prompt if raw else prompt_formatter(config, tokenizer)(prompt)
-    return generate(model, tokenizer, text, max_new_tokens)
+    return generate(model, tokenizer, text, fitting_answer(model, tokenizer, text, max_new_tokens))
+
+
+def fitting_answer(model, tokenizer, text: str, max_new_tokens: int) -> int:
+    """How many tokens to generate: `max_new_tokens`, or fewer where the model's positions end
+    (said on stderr). A prompt that does not fit is refused: never cut, as serve never cuts it."""
+    from pipeline.train.methods import virtual_tokens
+
+    config = model.config
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if limit is None:
+        return max_new_tokens
+    taken = len(tokenizer(text, add_special_tokens=False)["input_ids"]) + virtual_tokens(model)
+    if taken >= limit:
+        raise RegistryError(f"the prompt is {taken} tokens after the template, and the model reads at most {limit} positions; "
+                            "shorten the prompt")
+    if taken + max_new_tokens > limit:
+        print(f"tunepipe: note: generating {limit - taken} tokens, not {max_new_tokens}: the model reads at most {limit} "
+              f"positions and the prompt takes {taken}", file=sys.stderr)
+    return min(max_new_tokens, limit - taken)
 
 
 def attach_adapter(registry: str, adapter: str, base):
