@@ -55,6 +55,7 @@ def build_rows(packages: tuple[str, ...] = PACKAGES, max_per_class: int | None =
 
 
 def write_csv(path: str | Path, rows: list[tuple[str, str]]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)  # QUOTE_MINIMAL: values with newlines, quotes or commas get quoted
         writer.writerow(["text", "label"])

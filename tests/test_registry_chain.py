@@ -94,6 +94,8 @@ def test_versions_carry_cards_with_metrics_and_curves_listed_in_the_manifest(cha
     assert {r.dataset_split for r in results} == {"validation"}
     assert card.data.library_name == "transformers" and "base_model" not in card.data.to_dict()
 
+    # PEFT's blank template ("[More Information Needed]") is not shipped beside the real card.
+    assert not (one_version(chain["registry"], "bot-apple") / "model" / "README.md").exists()
     adapter_card = ModelCard((one_version(chain["registry"], "bot-apple") / "README.md").read_text())
     assert adapter_card.data.library_name == "peft"
     assert adapter_card.data.base_model_relation == "adapter"

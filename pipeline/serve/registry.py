@@ -91,12 +91,13 @@ def serve_from_registry(registry: str, base: str | None, adapter_specs: list[str
         if "registry" in reference:
             loaded = load_version(base_registry(reference, registry), f"{reference['registry']['model']}@{reference['registry']['version']}")
             model, tokenizer, base_name = loaded.model, loaded.tokenizer, loaded.reference
+            formats = {base_name: loaded.format_prompt}
         elif "hub" in reference:
             model = AutoModelForCausalLM.from_pretrained(reference["hub"], revision=reference.get("revision")).eval()
             tokenizer, base_name = AutoTokenizer.from_pretrained(first_copy / "tokenizer"), reference["hub"]
+            formats = {}  # a hub model has no template of ours: prompts go as they are
         else:
             raise RegistryError(f"the adapters' base {_describe(reference)} is not in the registry or on the hub")
-        formats = {}
     for name, (copy, _) in adapters.items():
         formats[name] = prompt_formatter(_config(copy), tokenizer)
     catalog = Catalog(model, tokenizer, {name: copy / "model" for name, (copy, _) in adapters.items()},

@@ -29,6 +29,11 @@ class PeftMethod(Method):
     def save(self, model: nn.Module, folder: Path, state_dict: dict | None) -> dict:
         """Adapter files only (adapter_model.safetensors + adapter_config.json, which records the base)."""
         model.save_pretrained(folder, state_dict=state_dict, save_embedding_layers=_vocab_resized(unwrap(model)))
+        # PEFT writes a blank model card ("[More Information Needed]" 39 times); the registry
+        # version gets a real one at publish (registry/card.py), so this one would only mislead.
+        card = Path(folder) / "README.md"
+        if card.is_file() and "[More Information Needed]" in card.read_text(errors="replace"):
+            card.unlink()
         return {}
 
     @staticmethod
