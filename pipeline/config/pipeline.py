@@ -99,8 +99,8 @@ class PipelineConfig(Section):
     @model_validator(mode="after")
     def _train_options_agree(self) -> "PipelineConfig":
         t = self.train
-        if t.early_stopping_patience is not None and t.eval_every_steps is None:
-            raise ValueError("train.early_stopping_patience needs train.eval_every_steps (how often to validate)")
+        if t.early_stopping_patience is not None and not t.validates:
+            raise ValueError("train.early_stopping_patience needs train.eval_every_steps or train.eval_every (how often to validate)")
         if t.early_stopping_metric == "accuracy" and self.task != "classification":
             raise ValueError(f"train.early_stopping_metric 'accuracy' needs task classification (task is {self.task!r})")
         if t.launcher == "local" and t.nnodes > 1 and not t.rdzv_endpoint:
@@ -144,7 +144,7 @@ class PipelineConfig(Section):
                 out[f"train.{field}"] = f"train.method is {t.method}"
         if t.strategy != "deepspeed":
             out["train.deepspeed_config"] = f"train.strategy is {t.strategy}"
-        if t.eval_every_steps is None:
+        if not t.validates:
             out["train.eval_batches"] = "train.eval_every_steps is not set (no validation during training)"
         if t.early_stopping_patience is None:
             out["train.early_stopping_metric"] = "train.early_stopping_patience is not set"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -76,8 +77,10 @@ class TrainConfig(Section):
     """Linear warmup steps before the cosine decay."""
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     """The cosine decays to lr * min_lr_ratio at max_steps."""
-    max_steps: int = Field(200, gt=0)
-    """Optimizer steps to train."""
+    max_steps: int | None = Field(200, gt=0)
+    """Optimizer steps to train for; null with `epochs`, which then sets it."""
+    epochs: float | None = Field(None, gt=0)
+    """Passes over the train split, instead of max_steps (set max_steps to null): max_steps becomes ceil(epochs x train rows / global batch)."""
     micro_batch_size: int = Field(8, gt=0)
     """Blocks per rank per forward pass."""
     grad_accum_steps: int = Field(1, gt=0)
@@ -129,6 +132,8 @@ class TrainConfig(Section):
 
     eval_every_steps: int | None = Field(None, gt=0)
     """Validate every N steps (validation loss; accuracy for classification) and log it; default: never during training."""
+    eval_every: Literal["epoch"] | None = None
+    """`epoch`: validate at the end of every epoch (instead of eval_every_steps); the steps of an epoch are ceil(train rows / global batch)."""
     early_stopping_patience: int | None = Field(None, gt=0)
     """Stop when the validation metric has not improved for this many validations (needs eval_every_steps)."""
     early_stopping_metric: Literal["eval_loss", "accuracy"] = "eval_loss"
@@ -169,6 +174,41 @@ class TrainConfig(Section):
     the rest queue (Prefect global concurrency limit `tunepipe-train-<pool>`). 1: two overlapping
     scheduled runs never share the GPUs. Runs of one config also never train at once into one
     checkpoint folder, whatever this says (a lock beside the checkpoints)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_replace_the_default_steps(cls, data: Any) -> Any:
+        # `epochs: 3` alone means three passes; the default max_steps (200) must not also apply.
+        if isinstance(data, dict) and data.get("epochs") is not None and "max_steps" not in data:
+            data = {**data, "max_steps": None}
+        return data
+
+    @model_validator(mode="after")
+    def _one_length(self) -> "TrainConfig":
+        if self.epochs is not None and self.max_steps is not None:
+            raise ValueError(f"train.epochs ({self.epochs:g}) and train.max_steps ({self.max_steps}) are both set: "
+                             "set one of them (train.max_steps=null to train by epochs)")
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("train.max_steps is null: set it, or set train.epochs")
+        if self.eval_every == "epoch" and self.eval_every_steps is not None:
+            raise ValueError("train.eval_every is epoch and train.eval_every_steps is set: set one of them")
+        return self
+
+    def for_rows(self, train_rows: int, world_size: int) -> "TrainConfig":
+        """This section with `epochs` and `eval_every: epoch` turned into steps for a train split of
+        `train_rows` rows: what the training loop, its schedule and its progress read. An epoch is
+        ceil(rows / global batch) steps (the last batch of an epoch is completed from the next)."""
+        per_epoch = max(1, math.ceil(train_rows / (self.micro_batch_size * self.grad_accum_steps * world_size)))
+        update: dict[str, Any] = {}
+        if self.epochs is not None:
+            update["max_steps"] = max(1, math.ceil(self.epochs * per_epoch))
+        if self.eval_every == "epoch":
+            update["eval_every_steps"] = per_epoch
+        return self.model_copy(update=update) if update else self
+
+    @property
+    def validates(self) -> bool:
+        return self.eval_every_steps is not None or self.eval_every is not None
 
     @property
     def started_on_every_node(self) -> bool:

@@ -18,6 +18,7 @@ task's required columns (`RowSpec.required_columns`, named after `data.rename`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import lzma
@@ -253,6 +254,24 @@ def _row_faults(table: pa.Table, required: list[str]) -> list[tuple[np.ndarray, 
     return faults
 
 
+def _drop_empty_texts(table: pa.Table, spec: RowSpec) -> tuple[pa.Table, np.ndarray | None]:
+    """The `text` layout learns each row's text: a corpus's blank lines (wikitext has one between
+    every paragraph) are empty rows to drop and count, not faulty rows to reject."""
+    if spec.template != "text":
+        return table, None
+    column = table[spec.columns["text"]]
+    empty = np.zeros(len(column), bool)
+    if column.null_count:
+        empty |= bool_mask(pc.is_null(column))
+    if has_empty(column):
+        empty |= empty_values(column)
+    if may_be_blank(column):
+        empty |= bool_mask(pc.fill_null(pc.utf8_is_space(column), False))
+    if not empty.any():
+        return table, None
+    return table.filter(arrow_mask(~empty)), empty
+
+
 def _drop_faulty(table: pa.Table, chunk: Chunk, required: list[str]) -> tuple[pa.Table, list[Reject]]:
     faults = _row_faults(table, required)
     if not faults:
@@ -324,11 +343,15 @@ class _Ingest:
         start, size = self.progress.n, sources.source_bytes(source, header)
         try:
             for chunk in readers.read(source, header, **options):
-                table, faulty = _drop_faulty(_conform(chunk.table, self.schema), chunk, self.spec.required_columns)
+                table, empty = _drop_empty_texts(_conform(chunk.table, self.schema), self.spec)
+                if empty is not None:
+                    lines, kept = chunk.lines, ~empty
+                    chunk = dataclasses.replace(chunk, lines=lambda lines=lines, kept=kept: lines()[kept])
+                table, faulty = _drop_faulty(table, chunk, self.spec.required_columns)
                 found = sorted(chunk.rejects + faulty, key=lambda r: r[0])
                 self.rejects.add(source.name, found)
                 self.shards.write(table)
-                counts.update(rows_out=table.num_rows, rows_rejected=len(found),
+                counts.update(rows_out=table.num_rows, rows_rejected=len(found), rows_empty=int(empty.sum()) if empty is not None else 0,
                               rows_utf8_replaced=chunk.utf8_replaced, blank_lines=chunk.blank_lines)
                 self.ignored.update(chunk.ignored)
                 self.progress.update(start + min(chunk.position, size) - self.progress.n)
@@ -349,7 +372,8 @@ def _check_totals(run: _Ingest, found: list[tuple[Source, Header]], out: Path) -
     rows_out, rejected = run.totals["rows_out"], run.totals["rows_rejected"]
     first = "\n  ".join(run.rejects.first)
     if rows_out + rejected == 0:
-        raise IngestError(f"every input is empty (no rows): {run.empty}")
+        blank = f" ({run.totals['rows_empty']} rows with an empty text)" if run.totals["rows_empty"] else ""
+        raise IngestError(f"every input is empty (no rows){blank}: {run.empty}")
     if rows_out == 0:
         names = [s.name for s, _ in found]
         raise IngestError(f"no usable rows in {names} ({rejected} rows read). First rejects:\n  {first}")
@@ -373,9 +397,10 @@ def run(data: DataConfig, spec: RowSpec, *, inputs: dict[str, Path], out: Path, 
         run.close()
     _check_totals(run, found, out)
     return {
-        "rows_in": run.totals["rows_out"] + run.totals["rows_rejected"],
+        "rows_in": run.totals["rows_out"] + run.totals["rows_rejected"] + run.totals["rows_empty"],
         "rows_out": run.totals["rows_out"],
         "rows_rejected": run.totals["rows_rejected"],
+        "rows_empty": run.totals["rows_empty"],  # the text layout's blank rows: dropped, never rejects
         "rows_utf8_replaced": run.totals["rows_utf8_replaced"],
         "blank_lines": run.totals["blank_lines"],
         "files": len(found),

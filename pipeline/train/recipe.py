@@ -138,12 +138,15 @@ class Run:
 
 
 def setup(cfg: PipelineConfig, tokenized: Path, info: DistInfo) -> Run:
+    train_rows = open_split(tokenized / "train")
+    # `epochs` and `eval_every: epoch` become steps here, where the rows are known; the run's
+    # config is the resolved one from now on (the loop, the schedule, the progress bar).
+    cfg = cfg.model_copy(update={"train": cfg.train.for_rows(len(train_rows), info.world_size)})
     tcfg = cfg.train
     meta = json.loads((tokenized / "meta.json").read_text())
     task = meta.get("task", "causal_lm")
     method = method_for(tcfg)
     method.check(tcfg, None, info.device.type)
-    train_rows = open_split(tokenized / "train")
     validation_rows = None
     if tcfg.eval_every_steps and (tokenized / "validation").is_dir():
         validation_rows = open_split(tokenized / "validation")
@@ -342,11 +345,11 @@ def main(argv: list[str] | None = None) -> int:
 def train(args: argparse.Namespace, cfg: PipelineConfig, info: DistInfo, checkpoints, stop: StopRequests) -> tuple[Run, bool]:
     """setup -> resume -> train_step until done or stopped (validate, checkpoint) -> save_model.
     Returns the run and whether a stop request ended it early (a checkpoint, no model)."""
-    tcfg = cfg.train
     tokenized = local_input(args.tokenized)
     job_output = JobOutput(args.output, args.commit_output, info.is_main)
     output = job_output.path
     run = setup(cfg, tokenized, info)
+    tcfg = run.cfg.train  # epochs resolved into steps
     state = resume(run, checkpoints)
     start_step, tokens = state.step, 0
     peak = peak_flops(info.device)
