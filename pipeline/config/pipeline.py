@@ -101,6 +101,11 @@ class PipelineConfig(Section):
         t = self.train
         if t.early_stopping_patience is not None and not t.validates:
             raise ValueError("train.early_stopping_patience needs train.eval_every_steps or train.eval_every (how often to validate)")
+        if self.tokenize.truncation == "prompt" and self.task != "causal_lm":
+            raise ValueError(f"tokenize.truncation 'prompt' cuts a causal LM example's prompt; task is {self.task!r} "
+                             "(use right, left or drop)")
+        if self.tokenize.truncation == "prompt" and not self.tokenize.mask_prompt:
+            raise ValueError("tokenize.truncation 'prompt' finds the prompt by its masked labels: it needs tokenize.mask_prompt true")
         if t.early_stopping_metric == "accuracy" and self.task != "classification":
             raise ValueError(f"train.early_stopping_metric 'accuracy' needs task classification (task is {self.task!r})")
         if t.launcher == "local" and t.nnodes > 1 and not t.rdzv_endpoint:

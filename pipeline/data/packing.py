@@ -102,7 +102,8 @@ def select(examples: Ragged, keep: np.ndarray) -> Ragged:
 
 def truncate(examples: Ragged, max_length: int, mode: str) -> Truncated:
     """Shorten examples longer than max_length: keep the first tokens (`right`), the last
-    tokens (`left`), or drop the example (`drop`)."""
+    tokens (`left`), cut the middle of the prompt and never the learned part (`prompt`), or drop
+    the example (`drop`)."""
     lengths = examples.lengths
     too_long = lengths > max_length
     count = int(too_long.sum())
@@ -111,6 +112,8 @@ def truncate(examples: Ragged, max_length: int, mode: str) -> Truncated:
     if mode == "drop":
         return Truncated(select(examples, ~too_long), 0, count)
     pos = positions_within(lengths)
+    if mode == "prompt":
+        return _cut_prompts(examples, max_length, too_long, pos)
     if mode == "right":
         keep_token = pos < max_length
     elif mode == "left":
@@ -119,6 +122,38 @@ def truncate(examples: Ragged, max_length: int, mode: str) -> Truncated:
         raise ValueError(f"unknown truncation mode {mode!r}")
     kept = Ragged(examples.ids[keep_token], examples.labels[keep_token], offsets_of(np.minimum(lengths, max_length)))
     return Truncated(kept, count, 0)
+
+
+def _cut_prompts(examples: Ragged, max_length: int, too_long: np.ndarray, pos: np.ndarray) -> Truncated:
+    """`prompt` truncation, for a long article and its summary: an example's prompt is its tokens
+    before the first learned label. A too-long example keeps its whole learned part and fills the
+    room left with its prompt's first three quarters and last quarter (the instruction before the
+    article, the answer marker after it), cutting the middle; one whose learned part alone does
+    not fit is dropped. The learned part is never cut: a summary cut short teaches stopping early."""
+    prompt = _prompt_lengths(examples, pos)
+    room = max_length - (examples.lengths - prompt)  # what is left for the prompt
+    fits = ~too_long | (room >= 1)
+    dropped = int((~fits).sum())
+    if dropped:
+        examples, too_long, prompt, room = select(examples, fits), too_long[fits], prompt[fits], room[fits]
+        pos = positions_within(examples.lengths)
+    lengths = examples.lengths
+    tail = np.where(too_long, room // 4, 0)
+    head = np.where(too_long, room - tail, prompt)
+    p, h, t = (np.repeat(a, lengths) for a in (prompt, head, tail))
+    keep_token = (pos < h) | ((pos >= p - t) & (pos < p)) | (pos >= p)
+    kept = Ragged(examples.ids[keep_token], examples.labels[keep_token], offsets_of(np.where(too_long, max_length, lengths)))
+    return Truncated(kept, int(too_long.sum()), dropped)
+
+
+def _prompt_lengths(examples: Ragged, pos: np.ndarray) -> np.ndarray:
+    """Each example's tokens before its first learned label (all of them when none is learned)."""
+    lengths = examples.lengths
+    if not len(lengths):
+        return np.zeros(0, np.int64)
+    learned = examples.labels != IGNORE_INDEX
+    first = np.where(learned, pos, np.repeat(lengths, lengths))
+    return np.minimum.reduceat(first, examples.offsets[:-1])
 
 
 # ---------------------------------------------------------------- packing
