@@ -13,13 +13,15 @@ class EvaluateConfig(Section):
     num_generations: int = Field(3, ge=0)
     """Validation prompts to generate answers for, written into metrics.json."""
     max_new_tokens: int = Field(40, gt=0)
-    """Tokens generated per sample prompt."""
+    """Tokens generated per sample prompt (and per ROUGE answer)."""
+    rouge_rows: int = Field(0, ge=0)
+    """Causal LM with prompts (prompt_response, instruction, chat): generate a greedy answer for up to this many held-out rows and score ROUGE-1/2/L against their responses (a summarizer's metric); 0: off. `min_rouge_l` then gates it."""
     max_perplexity: float | None = Field(None, gt=0.0)
     """Evaluation gate: refuse to publish when validation perplexity is above this."""
     min_accuracy: float | None = Field(None, ge=0.0, le=1.0)
     """Evaluation gate (classification): refuse to publish when held-out accuracy is below this."""
     min_rouge_l: float | None = Field(None, ge=0.0, le=1.0)
-    """Evaluation gate (seq2seq): refuse to publish when held-out ROUGE-L F1 is below this."""
+    """Evaluation gate (seq2seq; causal_lm with rouge_rows): refuse to publish when held-out ROUGE-L F1 is below this."""
 
 
 class RegistryConfig(Section):

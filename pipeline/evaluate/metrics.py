@@ -11,6 +11,7 @@ tests against hand-computed values, so a library upgrade cannot move a gated num
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Sequence
 
 import numpy as np
@@ -105,3 +106,36 @@ def rouge_l(references: Sequence[str], predictions: Sequence[str]) -> float:
     if not references:
         raise ValueError("no examples to score")
     return float(np.mean([rouge_l_pair(r, p) for r, p in zip(references, predictions)]))
+
+
+# ---------------------------------------------------------------- ROUGE-N
+
+
+def rouge_n_pair(reference: str, prediction: str, n: int) -> float:
+    """ROUGE-N F1 of one pair (rouge-score's `rouge1`/`rouge2` fmeasure): n-grams of the same
+    tokens as ROUGE-L, their overlap clipped by count (an n-gram said twice matches at most as
+    often as the reference has it); 0 when either side has no n-gram."""
+    ref, pred = _ngrams(rouge_tokens(reference), n), _ngrams(rouge_tokens(prediction), n)
+    overlap = sum(min(count, pred[gram]) for gram, count in ref.items() if gram in pred)
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / sum(pred.values()), overlap / sum(ref.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def _ngrams(tokens: list[str], n: int) -> Counter:
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+
+
+def rouge(references: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+    """Mean per-pair ROUGE-1, ROUGE-2 and ROUGE-L F1: {"rouge_1", "rouge_2", "rouge_l"}."""
+    if len(references) != len(predictions):
+        raise ValueError(f"{len(references)} references but {len(predictions)} predictions")
+    if not references:
+        raise ValueError("no examples to score")
+    pairs = list(zip(references, predictions))
+    return {
+        "rouge_1": float(np.mean([rouge_n_pair(r, p, 1) for r, p in pairs])),
+        "rouge_2": float(np.mean([rouge_n_pair(r, p, 2) for r, p in pairs])),
+        "rouge_l": float(np.mean([rouge_l_pair(r, p) for r, p in pairs])),
+    }

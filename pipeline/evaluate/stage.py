@@ -148,7 +148,10 @@ def evaluate_causal_lm(cfg: EvaluateConfig, model_cfg: ModelConfig, model, token
         if base is not None:
             sample["base"] = generate(base, tokenizer, prompt, cfg.max_new_tokens)
         generations.append(sample)
-    return {"perplexity": ppl, "eval_loss": loss if tokens else None, "eval_tokens": tokens, "generations": generations}
+    from pipeline.evaluate.summaries import causal_rouge
+
+    rouge = causal_rouge(cfg, model, tokenizer, inputs["preprocess"])
+    return {"perplexity": ppl, "eval_loss": loss if tokens else None, "eval_tokens": tokens, "generations": generations, **rouge}
 
 
 # ---------------------------------------------------------------- classification
@@ -250,7 +253,9 @@ def judge(cfg: EvaluateConfig, task: str, values: dict) -> dict:
         threshold = getattr(cfg, key)
         if threshold is None:
             continue
-        if key not in TASK_GATES[task]:
+        # A causal LM's ROUGE exists only when asked for (evaluate.rouge_rows): then it is gated.
+        measured_here = key in TASK_GATES[task] or (task == "causal_lm" and key == "min_rouge_l" and cfg.rouge_rows > 0)
+        if not measured_here:
             not_applicable[key] = threshold
             continue
         thresholds[key] = threshold
@@ -280,6 +285,6 @@ def run(cfg: EvaluateConfig, model_cfg: ModelConfig, *, inputs: dict[str, Path],
     metrics = {"task": task, **result, "gate": judge(cfg, task, result)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
 
-    headline = ("perplexity", "eval_loss", "eval_tokens", "accuracy", "macro_f1", "rouge_l", "split", "examples")
+    headline = ("perplexity", "eval_loss", "eval_tokens", "accuracy", "macro_f1", "rouge_1", "rouge_2", "rouge_l", "split", "examples")
     stats = {k: round(v, 5) if isinstance(v, float) else v for k, v in result.items() if k in headline}
     return {"task": task, **stats, "gate_passed": metrics["gate"]["passed"]}
