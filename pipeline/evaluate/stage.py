@@ -26,7 +26,6 @@ import json
 import math
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
@@ -34,7 +33,8 @@ from transformers import AutoTokenizer
 from pipeline.evaluate import metrics as M
 from pipeline.config import EvaluateConfig, ModelConfig
 from pipeline.data.loader import held_out_batches, open_split
-from pipeline.train.methods.prompt_tuning import virtual_tokens
+from pipeline.evaluate.generation import generate, sample_prompts  # noqa: F401 (generate: part of this module's API)
+from pipeline.evaluate.summaries import causal_rouge
 from pipeline.registry.bases import model_source
 from pipeline.train.modeling import AUTO_CLASSES
 
@@ -89,52 +89,6 @@ def perplexity(model, blocks, max_batches: int) -> tuple[float, int]:
     return total_loss / max(1, total_tokens), total_tokens
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
-    # Keep room inside the position table for the answer, and for a soft prompt's virtual tokens;
-    # an answer longer than the table allows is cut to fit (else an IndexError in the embedding).
-    virtual = virtual_tokens(model)
-    max_new_tokens = max(1, min(max_new_tokens, limit - virtual - 1))
-    ids = ids[:, -max(1, limit - max_new_tokens - virtual) :]
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,  # greedy: generations are reproducible and comparable across versions
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        # A soft prompt: PEFT 0.21 under transformers 5 hands the model no KV cache after the first
-        # step and prepends the soft prompt again at every step (positions 28..48 for a 1-token
-        # step, seen on GPT-2). Without a cache every step re-reads soft prompt + context: correct.
-        use_cache=not virtual,
-    )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-
-
-def sample_prompts(path: Path, tokenizer, count: int) -> list[tuple[str, str]]:
-    """(prompt, reference answer) pairs from the preprocessed validation split.
-
-    Prompt/response layouts give them directly (rows with an empty prompt, as the `text` template
-    makes, have nothing to answer). A chat gives the conversation up to its last assistant turn,
-    rendered with the generation prompt, and that turn as the reference.
-    """
-    columns = pq.ParquetFile(path).schema_arrow.names
-    pairs: list[tuple[str, str]] = []
-    if "prompt" in columns:
-        for row in pq.read_table(path, columns=["prompt", "response"]).to_pylist():
-            if row["prompt"] and len(pairs) < count:
-                pairs.append((row["prompt"], row["response"]))
-    elif "messages" in columns:
-        for text in pq.read_table(path, columns=["messages"])["messages"].to_pylist()[:count]:
-            messages = json.loads(text)
-            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-            prompt = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
-            pairs.append((prompt, messages[last]["content"]))
-    return pairs
-
-
 def evaluate_causal_lm(cfg: EvaluateConfig, model_cfg: ModelConfig, model, tokenizer, inputs: dict[str, Path]) -> dict:
     loss, tokens = perplexity(model, open_split(inputs["tokenize"] / "validation"), cfg.max_batches)
     # No validation tokens (sample.validation_fraction: 0) means no measurement, not a perfect score.
@@ -148,8 +102,6 @@ def evaluate_causal_lm(cfg: EvaluateConfig, model_cfg: ModelConfig, model, token
         if base is not None:
             sample["base"] = generate(base, tokenizer, prompt, cfg.max_new_tokens)
         generations.append(sample)
-    from pipeline.evaluate.summaries import causal_rouge
-
     rouge = causal_rouge(cfg, model, tokenizer, inputs["preprocess"])
     return {"perplexity": ppl, "eval_loss": loss if tokens else None, "eval_tokens": tokens, "generations": generations, **rouge}
 

@@ -18,6 +18,7 @@ import torch
 
 from pipeline.config import EvaluateConfig
 from pipeline.evaluate import metrics as M
+from pipeline.evaluate.generation import generate, sample_prompts
 from pipeline.train.methods.prompt_tuning import virtual_tokens
 
 BATCH = 8
@@ -29,8 +30,6 @@ def held_out_rows(preprocess: Path) -> Path:
 
 
 def causal_rouge(cfg: EvaluateConfig, model, tokenizer, preprocess: Path) -> dict:
-    from pipeline.evaluate.stage import sample_prompts
-
     if not cfg.rouge_rows:
         return {}
     split = held_out_rows(preprocess)
@@ -48,8 +47,6 @@ def causal_rouge(cfg: EvaluateConfig, model, tokenizer, preprocess: Path) -> dic
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy answers to several prompts at once, the same tokens as one at a time (tested)."""
-    from pipeline.evaluate.stage import generate
-
     if virtual_tokens(model):
         # PEFT's soft prompt and left padding do not mix (it prepends the prompt to pads); one by one.
         return [generate(model, tokenizer, prompt, max_new_tokens) for prompt in prompts]
