@@ -18,12 +18,11 @@ not empty is refused, so nothing there is overwritten.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 
 from pipeline.registry.bases import write_whole_model
+from pipeline.registry.local_copy import into_new_folder
 from pipeline.registry.names import RegistryError
 
 _SKIP = {"tunepipe_trained.json"}
@@ -36,17 +35,8 @@ def export(registry: str, reference: str, dest: Path, merge: bool = False) -> Pa
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise RegistryError(f"{dest} exists and is not an empty folder; export into a new folder (nothing was changed)")
     model, version = aliases.resolve(registry, reference)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.parent / f".{dest.name}.export-{uuid.uuid4().hex}"
-    try:
-        partial.mkdir()
-        write_plain(registry, model, version, partial, merge=merge, final=dest.resolve())
-        if dest.exists():
-            dest.rmdir()  # empty, checked above
-        os.rename(partial, dest)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return dest
+    final = dest.resolve()
+    return into_new_folder(dest, "export", lambda partial: write_plain(registry, model, version, partial, merge=merge, final=final))
 
 
 def write_plain(registry: str, model: str, version: str, dest: Path, merge: bool = False, final: Path | None = None) -> None:

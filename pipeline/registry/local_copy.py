@@ -129,9 +129,8 @@ def pull_version(registry: str, model_name: str, version: str, dest: Path) -> Pa
     fs, path = artifacts.filesystem(url)
     manifest = json.loads(fs.cat_file(artifacts.join(path, MANIFEST)))
     base = artifacts.join(path, artifacts.manifest_root(manifest)) if manifest.get("root") else path
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.parent / f".{dest.name}.pulling-{uuid.uuid4().hex}"
-    try:
+
+    def fill(partial: Path) -> None:
         for rel in manifest["files"]:
             target = artifacts.inside(partial, rel, f"{url}/{MANIFEST}")
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -141,8 +140,20 @@ def pull_version(registry: str, model_name: str, version: str, dest: Path) -> Pa
         local_problems = artifacts.verify(str(partial))
         if local_problems:
             raise RegistryError(f"the copy of {url} does not verify: " + "; ".join(local_problems[:5]))
+
+    return into_new_folder(dest, "pulling", fill)
+
+
+def into_new_folder(dest: Path, doing: str, fill) -> Path:
+    """`fill(partial)` a folder beside `dest`, then rename it onto `dest` (absent or empty, checked
+    by the caller): `dest` is never half-made, and what was there is never deleted."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.parent / f".{dest.name}.{doing}-{uuid.uuid4().hex}"
+    try:
+        partial.mkdir()
+        fill(partial)
         if dest.exists():
-            dest.rmdir()  # empty, checked above
+            dest.rmdir()  # empty, checked by the caller
         os.rename(partial, dest)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
