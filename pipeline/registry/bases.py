@@ -98,6 +98,13 @@ def write_whole_model(copy: Path, dest: Path) -> None:
     Hugging Face layout; tunepipe's own record left out)."""
     model_dir, tokenizer_dir, _ = version_layout(copy)
     for folder in dict.fromkeys((model_dir, tokenizer_dir)):
-        for path in sorted(folder.iterdir()):
-            if path.is_file() and path.name not in (TRAINED_JSON, MANIFEST) and not (dest / path.name).exists():
-                shutil.copy2(path, dest / path.name)
+        copy_plain_files(folder, dest)
+
+
+def copy_plain_files(folder: Path, dest: Path, skip: frozenset[str] = frozenset()) -> None:
+    """The files of `folder` into `dest` (made if missing), leaving out tunepipe's own records,
+    the names in `skip` and any file `dest` already has."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name not in (TRAINED_JSON, MANIFEST, *skip) and not (dest / path.name).exists():
+            shutil.copy2(path, dest / path.name)

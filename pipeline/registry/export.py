@@ -18,14 +18,11 @@ not empty is refused, so nothing there is overwritten.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-from pipeline.registry.bases import write_whole_model
+from pipeline.registry.bases import copy_plain_files, write_whole_model
 from pipeline.registry.local_copy import into_new_folder
 from pipeline.registry.names import RegistryError
-
-_SKIP = {"tunepipe_trained.json"}
 
 
 def export(registry: str, reference: str, dest: Path, merge: bool = False) -> Path:
@@ -55,7 +52,7 @@ def write_plain(registry: str, model: str, version: str, dest: Path, merge: bool
     if merge:
         _write_merged(copy, registry, dest, record)
     elif kind == "peft":
-        _copy_files(copy / "model", dest)
+        copy_plain_files(copy / "model", dest)
         reference = read_base(str(copy)) or {}
         if "registry" in reference:
             (dest / "base").mkdir()
@@ -67,7 +64,7 @@ def write_plain(registry: str, model: str, version: str, dest: Path, merge: bool
     else:
         raise RegistryError(f"{model}@{version} holds {record.get('trained_with', kind)} adapters, which are tunepipe's own "
                             "modules, not a Hugging Face format; load it with tunepipe (generate, serve, load_version)")
-    _copy_files(copy / "tokenizer", dest)
+    copy_plain_files(copy / "tokenizer", dest)
 
 
 def _write_merged(copy: Path, registry: str, dest: Path, record: dict) -> None:
@@ -80,13 +77,6 @@ def _write_merged(copy: Path, registry: str, dest: Path, record: dict) -> None:
     loaded = load_copy(copy, registry)
     merged = loaded.model.merge_and_unload()
     merged.save_pretrained(dest, safe_serialization=True)
-
-
-def _copy_files(source: Path, dest: Path) -> None:
-    dest.mkdir(parents=True, exist_ok=True)
-    for path in sorted(source.iterdir()):
-        if path.is_file() and path.name not in _SKIP and path.name != "manifest.json":
-            shutil.copy2(path, dest / path.name)
 
 
 def _point_adapter_at(config_path: Path, base: str | None, revision: str | None) -> None:

@@ -125,7 +125,7 @@ def load_copy(folder: Path, registry: str | None = None) -> LoadedVersion:
         task=task,
         folder=folder,
         base=read_base(str(folder)),
-        config=_read_yaml(folder / "config.yaml"),
+        config=version_config(folder),
         metrics=_read_json(folder / "metrics.json"),
     )
 
@@ -169,8 +169,9 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def _read_yaml(path: Path) -> dict:
+def version_config(copy: Path) -> dict:
+    """The resolved config a version was made with (its `config.yaml`); {} for a pushed folder."""
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load((copy / "config.yaml").read_text()) or {}
     except FileNotFoundError:
         return {}

@@ -21,11 +21,9 @@ from pipeline.artifacts import MANIFEST, Artifact
 from pipeline.config import EvaluateConfig, ModelConfig, RegistryConfig
 from pipeline.registry import aliases
 from pipeline.registry.base_records import BASE_JSON, describe_base, publish_base
+from pipeline.registry.bases import TRAINED_JSON
 from pipeline.registry.card import write_card
 from pipeline.registry.store import publish_version
-
-
-TRAINED_JSON = "tunepipe_trained.json"  # methods/base.py's name; not imported from there: that imports torch
 
 
 class GateFailed(RuntimeError):
@@ -74,10 +72,10 @@ def run(registry: RegistryConfig, evaluate: EvaluateConfig, model: ModelConfig, 
         resolved.update(stage["config"])
     (bundle / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=True))
     (bundle / "lineage.json").write_text(json.dumps(stages, indent=2, sort_keys=True, default=str))
-    base = base_reference(inputs["train"], model, registry, metrics.get("task", "causal_lm"), scratch)
+    trained = json.loads((inputs["train"] / "model" / TRAINED_JSON).read_text())
+    base = base_reference(inputs["train"], trained, model, registry, metrics.get("task", "causal_lm"), scratch)
     if base is not None:
         (bundle / BASE_JSON).write_text(json.dumps(base, indent=2, sort_keys=True))
-    trained = json.loads((inputs["train"] / "model" / TRAINED_JSON).read_text())
     write_card(
         bundle, model_name=registry.model_name, version=version, metrics=metrics, lineage=stages, config={**resolved, "registry": registry.model_dump(mode="json")},
         train_log=_read_jsonl(inputs["train"] / "train_log.jsonl"), train_stats=_read_json(inputs["train"] / "train_stats.json"),
@@ -93,12 +91,12 @@ def run(registry: RegistryConfig, evaluate: EvaluateConfig, model: ModelConfig, 
     return {"version": version, "url": url, "newly_published": written, **scores}
 
 
-def base_reference(train: Path, model: ModelConfig, registry: RegistryConfig, task: str, scratch: Path) -> dict | None:
+def base_reference(train: Path, trained: dict, model: ModelConfig, registry: RegistryConfig, task: str, scratch: Path) -> dict | None:
     """What base.json records. An adapters-only model whose base exists nowhere else (a scratch
     initialisation, a local folder) gets that base published first, so the version loads from
     the registry alone."""
     base = describe_base(model)
-    adapters_only = json.loads((train / "model" / TRAINED_JSON).read_text()).get("method") != "full"
+    adapters_only = trained.get("method") != "full"
     if adapters_only and (base is None or "path" in base):
         folder = train / "base" if base is None else Path(base["path"])
         tokenizer = train / "tokenizer"

@@ -13,7 +13,7 @@ import sys
 
 from pipeline.registry import aliases
 from pipeline.registry.base_records import read_base
-from pipeline.registry.loading import load_version, prompt_formatter, version_record
+from pipeline.registry.loading import load_version, prompt_formatter, version_config, version_record
 from pipeline.registry.local_copy import local_copy
 from pipeline.registry.names import RegistryError
 
@@ -51,7 +51,6 @@ def fitting_answer(model, tokenizer, text: str, max_new_tokens: int) -> int:
 
 def attach_adapter(registry: str, adapter: str, base):
     """(the base with an adapters-only version's PEFT weights on it, that version's config)."""
-    import yaml
     from peft import PeftModel
 
     name, version = aliases.resolve(registry, adapter)
@@ -67,5 +66,4 @@ def attach_adapter(registry: str, adapter: str, base):
         # Allowed (trying an adapter on a newer base is a fair experiment), but never silently.
         print(f"tunepipe: warning: {name}@{version} was trained on {trained_on.get('model')}@{trained_on.get('version')}, "
               f"not on {base.reference}", file=sys.stderr)
-    config = yaml.safe_load((copy / "config.yaml").read_text()) if (copy / "config.yaml").is_file() else {}
-    return PeftModel.from_pretrained(base.model, copy / "model").eval(), config
+    return PeftModel.from_pretrained(base.model, copy / "model").eval(), version_config(copy)

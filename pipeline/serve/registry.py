@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipeline.registry import aliases
 from pipeline.registry.base_records import base_registry, read_base
-from pipeline.registry.loading import load_version, prompt_formatter, version_record
+from pipeline.registry.loading import load_version, prompt_formatter, version_config, version_record
 from pipeline.registry.local_copy import local_copy
 from pipeline.registry.names import RegistryError, check_name
 
@@ -99,7 +99,7 @@ def serve_from_registry(registry: str, base: str | None, adapter_specs: list[str
         else:
             raise RegistryError(f"the adapters' base {_describe(reference)} is not in the registry or on the hub")
     for name, (copy, _) in adapters.items():
-        formats[name] = prompt_formatter(_config(copy), tokenizer)
+        formats[name] = prompt_formatter(version_config(copy), tokenizer)
     catalog = Catalog(model, tokenizer, {name: copy / "model" for name, (copy, _) in adapters.items()},
                       base_name=base_name, format_prompt=formats)
     serve(catalog, host, port)
@@ -112,10 +112,3 @@ def _describe(reference: dict) -> str:
     if "hub" in reference:
         return f"{reference['hub']} (revision {reference.get('revision') or 'unrecorded'})"
     return str(reference.get("path", reference))
-
-
-def _config(copy: Path) -> dict:
-    import yaml
-
-    path = copy / "config.yaml"
-    return yaml.safe_load(path.read_text()) or {} if path.is_file() else {}
