@@ -106,8 +106,8 @@ def finetune(
     # Every node of a run started by hand runs this flow for its share: they must start together.
     limit = _train_limit(cfg) if train_limit and not cfg.train.started_on_every_node else None
     results: dict[str, StageResult] = {}
-    for name in stages.stage_names(until):
-        parents = {p: results[p].artifact for p in stages.STAGES[name].parents}
+    for name in stages.stage_names(until, cfg):
+        parents = {p: results[p].artifact for p in stages.parents_of(name, cfg)}
         start = time.perf_counter()
         fp = fingerprints.get(name)  # None past a stage whose key the plan could not take: the task takes it
         try:

@@ -39,9 +39,10 @@ def stat_summary(name: str, stats: dict) -> str:
         "ingest": ["rows_in", "rows_out", "rows_rejected"],
         "sample": ["rows_in", "duplicates_removed", "near_duplicates_removed", "train", "validation", "test"],
         "preprocess": ["rows_in", "rows_out", "rows_rejected"],
-        "tokenize": ["tokens", "train_rows", "truncated", "utilisation"],
+        "tokenize": ["tokens", "train_rows", "truncated", "dropped", "utilisation"],
+        "reference": ["pairs", "device", "seconds"],
         "train": ["method", "steps", "world_size", "trainable_params", "final_loss", "tokens_per_s"],
-        "evaluate": ["perplexity", "accuracy", "macro_f1", "rouge_l", "gate_passed"],
+        "evaluate": ["perplexity", "accuracy", "macro_f1", "rouge_l", "rewards/accuracies", "rewards/margins", "gate_passed"],
         "publish": ["version"],
     }.get(name, [])
     # Per-split counts sit one level down (stats["splits"][split]["rows"]); show them flat.

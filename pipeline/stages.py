@@ -61,6 +61,10 @@ class Stage:
     """Where `content_fingerprint` lives when `module` is too heavy to import just to check the
     cache (train's imports torch: seconds a fully cached run must not pay). `module` imports it
     too, so its source stays in the stage's code version."""
+    applies: Callable[[PipelineConfig], bool] | None = None
+    """For which configs the stage exists (None: all). A stage that does not apply is skipped and
+    is no one's parent: the reference stage exists for task preference only, and every other
+    config's fingerprints stay what they were before it was added."""
     exclusive: Callable[[PipelineConfig], bool] | None = None
     """For which configs one process at a time runs this stage for a fingerprint (a lock in its
     local scratch): two runs of one config must never train into the same checkpoint folder. The
@@ -82,16 +86,30 @@ STAGES: dict[str, Stage] = {
         # content: the stop-word list's digest when it is used (it is data, found beside normalize.py).
         Stage("preprocess", "pipeline.data.preprocess", ("preprocess", "row_spec"), ("sample",), has_content=True),
         Stage("tokenize", "pipeline.data.tokenize", ("tokenize", "model", "row_spec"), ("preprocess",), has_content=True),
+        # Preference tuning's reference log-probabilities: keyed by the base and the data only.
+        Stage("reference", "pipeline.train.reference", ("model", "reference_spec"), ("tokenize",), has_content=True,
+              applies=lambda cfg: cfg.task == "preference"),
         # slurm: where the job runs, never part of the fingerprint (config/cluster.py).
-        Stage("train", "pipeline.train.stage", ("model", "train", "slurm"), ("tokenize",), has_content=True, shared_scratch=True,
+        Stage("train", "pipeline.train.stage", ("model", "train", "slurm"), ("tokenize", "reference"), has_content=True, shared_scratch=True,
               content_module="pipeline.train.fingerprint",
               # Not when every node runs its own share of one job: they must all start at once.
               exclusive=lambda cfg: not cfg.train.started_on_every_node),
-        Stage("evaluate", "pipeline.evaluate.stage", ("evaluate", "model"), ("preprocess", "tokenize", "train")),
+        Stage("evaluate", "pipeline.evaluate.stage", ("evaluate", "model"), ("preprocess", "tokenize", "reference", "train")),
         Stage("publish", "pipeline.registry.publish", ("registry", "evaluate", "model"), ("tokenize", "train", "evaluate"), has_external_output=True),
     ]
 }
 ORDER = list(STAGES)
+"""Every stage of the table, in order; `stage_names(cfg=...)` gives those a config runs."""
+
+
+def applies(name: str, cfg: PipelineConfig) -> bool:
+    stage = STAGES[name]
+    return stage.applies is None or stage.applies(cfg)
+
+
+def parents_of(name: str, cfg: PipelineConfig) -> tuple[str, ...]:
+    """The parents stage `name` has under this config (those that apply)."""
+    return tuple(p for p in STAGES[name].parents if applies(p, cfg))
 
 
 @dataclass
@@ -134,7 +152,7 @@ def _fingerprint_and_content(name: str, cfg: PipelineConfig, parents: dict[str, 
     fp = artifacts.fingerprint(
         name,
         {s: cfg.fingerprint_section(s) for s in stage.sections},
-        {p: parents[p] if isinstance(parents[p], str) else parents[p].fingerprint for p in stage.parents},
+        {p: parents[p] if isinstance(parents[p], str) else parents[p].fingerprint for p in parents_of(name, cfg)},
         code_version(stage.module),
         content,
     )
@@ -198,7 +216,7 @@ def _run_and_commit(stage: Stage, cfg: PipelineConfig, parents: dict[str, Artifa
     path = out.prepare()
     try:
         module = stage.load()
-        inputs = {p: parents[p].local_path() for p in stage.parents}
+        inputs = {p: parents[p].local_path() for p in parents_of(name, cfg)}
         shared = {"shared": shared_scratch(workdir, name, fp)} if stage.shared_scratch else {}
         stats = module.run(*_sections(stage, cfg), inputs=inputs, out=path, scratch=scratch_dir(workdir, name, fp), **shared)
         # The fingerprint was taken before the run; if a data file or the stage's code changed
@@ -215,7 +233,7 @@ def _run_and_commit(stage: Stage, cfg: PipelineConfig, parents: dict[str, Artifa
     record = {
         "content": content,
         "config": {s: getattr(cfg, s).model_dump(mode="json") for s in stage.sections},
-        "parents": {p: {"fingerprint": parents[p].fingerprint, "url": parents[p].url} for p in stage.parents},
+        "parents": {p: {"fingerprint": parents[p].fingerprint, "url": parents[p].url} for p in parents_of(name, cfg)},
     }
     artifact = out.commit(stats, record)  # a concurrent run may have committed first: then it is theirs
     status = "resumed" if stats.get("resumed_from_step") else "ran"
@@ -242,9 +260,11 @@ def retryable(name: str, cfg: PipelineConfig, workdir: str) -> bool:
     return name == "publish" and artifacts.is_remote(cfg.registry.url)
 
 
-def stage_names(until: str | None = None) -> list[str]:
-    """The stages a run goes through, in order, up to and including `until`."""
-    return ORDER[: ORDER.index(until) + 1] if until else list(ORDER)
+def stage_names(until: str | None = None, cfg: PipelineConfig | None = None) -> list[str]:
+    """The stages a run goes through, in order, up to and including `until`: with `cfg`, those
+    that apply to it (`until` itself always counts as the stop, applying or not)."""
+    names = ORDER[: ORDER.index(until) + 1] if until else list(ORDER)
+    return names if cfg is None else [n for n in names if applies(n, cfg)]
 
 
 def plan(cfg: PipelineConfig, until: str | None = None) -> dict[str, str]:
@@ -263,9 +283,9 @@ def plan_partial(cfg: PipelineConfig, until: str | None = None) -> tuple[dict[st
     The runners then take that stage's key inside the stage itself, so its failure is reported
     (and, for remote storage, retried) as that stage's."""
     fps: dict[str, str] = {}
-    for name in stage_names(until):
+    for name in stage_names(until, cfg):
         try:
-            fps[name] = compute_fingerprint(name, cfg, {p: fps[p] for p in STAGES[name].parents})
+            fps[name] = compute_fingerprint(name, cfg, {p: fps[p] for p in parents_of(name, cfg)})
         except Exception as e:
             return fps, (name, e)
     return fps, None
@@ -317,8 +337,8 @@ def run_stages(
     fingerprints, _ = plan_partial(cfg, until)
     preflight(cfg, fingerprints, workdir, log)
     results: dict[str, StageResult] = {}
-    for name in stage_names(until):
-        parents = {p: results[p].artifact for p in STAGES[name].parents}
+    for name in stage_names(until, cfg):
+        parents = {p: results[p].artifact for p in parents_of(name, cfg)}
         started = time.perf_counter()
         fp = fingerprints.get(name)  # None past a stage whose key could not be taken: taken inside, below
         try:

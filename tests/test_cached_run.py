@@ -26,6 +26,8 @@ from pipeline.config import orchestration
 from pipeline.stages import StageResult
 
 HEAVY = ("torch", "transformers", "prefect", "deepspeed")
+RUN = [name for name in stages.ORDER if name != "reference"]
+"""The stages a causal LM config runs (the reference stage is preference tuning's)."""
 
 
 def no_server_env() -> dict[str, str]:
@@ -79,12 +81,12 @@ def test_a_fully_cached_run_imports_no_heavy_library_and_starts_no_prefect(built
         args = cli_args(command, workdir, registry, *(["publish"] if command == "stage" else []), **{"train.max_steps": 6})
         report, lines = main_in_fresh_process(args)
         assert report == {"rc": 0, "loaded": []}, (command, report, lines[-20:])
-        for name in stages.ORDER:
+        for name in RUN:
             assert sum(line.startswith(f"[{name}] cached -> ") for line in lines) == 1, (command, name, lines)
         if command == "run":
             assert any(line.startswith("every stage is cached: nothing to run") for line in lines), lines
         summary = summary_at(lines)
-        assert stage_status(summary) == {name: "cached" for name in stages.ORDER}
+        assert stage_status(summary) == {name: "cached" for name in RUN}
         assert [s["fingerprint"] for s in summary["stages"]] == [s["fingerprint"] for s in first["stages"]]
         assert summary["registry_version"] == first["registry_version"]
 
@@ -109,10 +111,10 @@ def test_plan_is_what_the_run_fingerprinted_and_a_missing_output_ends_the_cached
     version.rename(moved)
     try:
         assert stages.cached_run(cfg, str(workdir)) is None
-        assert [r.name for r in stages.cached_run(cfg, str(workdir), until="evaluate")] == stages.ORDER[:-1]
+        assert [r.name for r in stages.cached_run(cfg, str(workdir), until="evaluate")] == RUN[:-1]
     finally:
         moved.rename(version)
-    assert len(stages.cached_run(cfg, str(workdir))) == len(stages.ORDER)
+    assert len(stages.cached_run(cfg, str(workdir))) == len(RUN)
 
     # Its stage folder goes: the same.
     publish = Path(first["stages"][-1]["output"])
@@ -199,13 +201,13 @@ def test_launch_settings_are_in_no_fingerprint(tmp_path):
     assert (launch.train.max_concurrent, launch.prefect.retries, launch.prefect.timeout_s) == (3, 5, {"train": 10.0})
     planned = stages.plan(base)
     assert stages.plan(launch) == planned
-    assert len(set(planned.values())) == len(stages.ORDER)
-    for name in stages.ORDER:
-        parents = {p: planned[p] for p in stages.STAGES[name].parents}
+    assert len(set(planned.values())) == len(RUN)
+    for name in RUN:
+        parents = {p: planned[p] for p in stages.parents_of(name, base)}
         assert stages.compute_fingerprint(name, launch, parents) == stages.compute_fingerprint(name, base, parents) == planned[name]
     # ... while a setting that changes the model does change train's key and everything after it.
     changed = stages.plan(tiny_config(tmp_path / "r", "train.lr=1e-2"))
-    assert [n for n in stages.ORDER if changed[n] != planned[n]] == ["train", "evaluate", "publish"]
+    assert [n for n in RUN if changed[n] != planned[n]] == ["train", "evaluate", "publish"]
 
 
 def test_the_prefect_sections_stage_names_are_the_stage_table():

@@ -78,7 +78,7 @@ def test_editing_any_file_changes_exactly_the_stages_that_run_it(tmp_path):
         "pipeline/train/__main__.py": ["train"],  # what `torchrun -m pipeline.train` runs
         "pipeline/train/recipe.py": ["train"],
         "pipeline/train/parallel/zero.py": ["train"],  # imported lazily, when strategy is deepspeed
-        "pipeline/train/modeling.py": ["evaluate", "train"],
+        "pipeline/train/modeling.py": ["evaluate", "reference", "train"],
         "pipeline/train/methods/prompt_tuning.py": ["evaluate", "train"],
         "pipeline/config/train.py": EVERY_STAGE,  # config code derives what every stage is handed
         "pipeline/config/pipeline.py": EVERY_STAGE,

@@ -155,6 +155,7 @@ def test_each_stage_lives_in_the_package_of_its_concept():
         "sample": "pipeline/data/sample.py",
         "preprocess": "pipeline/data/preprocess.py",
         "tokenize": "pipeline/data/tokenize.py",
+        "reference": "pipeline/train/reference.py",
         "train": "pipeline/train/stage.py",
         "evaluate": "pipeline/evaluate/stage.py",
         "publish": "pipeline/registry/publish.py",

@@ -15,7 +15,7 @@ from pipeline import artifacts
 from pipeline.cluster.kubernetes import CONFIG_MOUNT, render_manifest
 from pipeline.cluster.torchrun import rendezvous_id
 from pipeline.config import PipelineConfig
-from pipeline.stages import compute_fingerprint, run_stages, scratch_dir, shared_scratch
+from pipeline.stages import compute_fingerprint, parents_of, run_stages, scratch_dir, shared_scratch
 from pipeline.train.stage import JobPlan, job_config, plan_job, slurm_script
 
 
@@ -24,14 +24,15 @@ class ClusterJobError(ValueError):
 
 
 def _prepare(cfg: PipelineConfig, workdir: str, config_at: str | None = None) -> tuple[JobPlan, "artifacts.Artifact"]:
+    # The stages before train: tokenize, and for preference tuning the reference log-probabilities.
+    before_train = parents_of("train", cfg)[-1]
     with contextlib.redirect_stdout(sys.stderr):  # stdout is the script or manifest
-        results = run_stages(cfg, workdir, until="tokenize", log=lambda line: print(line, file=sys.stderr))
-    tokenized = results[-1].artifact
-    fp = compute_fingerprint("train", cfg, {"tokenize": tokenized})
-    where = tokenized.url if artifacts.is_remote(workdir) else str(tokenized.local_path())
-    plan = plan_job(cfg.model, cfg.train, tokenized=where, scratch=scratch_dir(workdir, "train", fp),
-                    shared=shared_scratch(workdir, "train", fp), config_at=config_at)
-    return plan, tokenized
+        results = {r.name: r.artifact for r in run_stages(cfg, workdir, until=before_train, log=lambda line: print(line, file=sys.stderr))}
+    fp = compute_fingerprint("train", cfg, results)
+    where = {name: a.url if artifacts.is_remote(workdir) else str(a.local_path()) for name, a in results.items()}
+    plan = plan_job(cfg.model, cfg.train, tokenized=where["tokenize"], reference=where.get("reference"),
+                    scratch=scratch_dir(workdir, "train", fp), shared=shared_scratch(workdir, "train", fp), config_at=config_at)
+    return plan, results["tokenize"]
 
 
 def slurm_script_for(cfg: PipelineConfig, workdir: str) -> str:

@@ -26,7 +26,7 @@ class DataConfig(Section):
     rename: dict[str, str] = {}
     """Rename input columns on ingest, `{old: new}`; the *_column keys below name columns after renaming."""
     prompt_column: str = "prompt"
-    """`prompt_response` template: the column holding the prompt (its tokens carry no loss)."""
+    """`prompt_response` template and preference: the column holding the prompt (its tokens carry no loss; preference with `chat`: a JSON list of messages, or a plain user message)."""
     response_column: str = "response"
     """`prompt_response` template: the column holding the response the model learns to produce."""
     instruction_column: str = "instruction"
@@ -43,6 +43,10 @@ class DataConfig(Section):
     """Classification: the label column (any strings; mapped to ids in sorted order)."""
     target_column: str = "target"
     """Seq2seq: the target text (e.g. the summary of an article)."""
+    chosen_column: str = "chosen"
+    """Preference: the preferred answer to the prompt (text, or with the `chat` template a JSON list holding one assistant message)."""
+    rejected_column: str = "rejected"
+    """Preference: the dispreferred answer to the same prompt, in the form of `chosen_column`."""
     invalid_utf8: Literal["reject", "replace"] = "reject"
     """A row with bytes that are not UTF-8: `reject` it (to the rejects file) or `replace` the bad bytes with U+FFFD (counted in the stats)."""
     max_reject_fraction: float = Field(0.1, ge=0.0, le=1.0)

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator
 
 from pipeline.config.cluster import LaunchOnly
 
-STAGE_NAMES = ("ingest", "sample", "preprocess", "tokenize", "train", "evaluate", "publish")
+STAGE_NAMES = ("ingest", "sample", "preprocess", "tokenize", "reference", "train", "evaluate", "publish")
 
 
 class PrefectConfig(LaunchOnly):

@@ -37,8 +37,26 @@ class RowSpec(Section):
         return [c for role, c in self.columns.items() if role not in self.optional]
 
 
+class ReferenceSpec(Section):
+    """Derived, never written by users: what preference tuning's reference model is beyond the
+    model section. The reference stage hashes this instead of the train section, so a second DPO
+    run with another beta or learning rate reuses the reference log-probabilities."""
+
+    seed: int | None
+    """A scratch initialisation's seed (train.seed); None for a pretrained model."""
+    extra_positions: int
+    """Positions a scratch model gets for a soft prompt (they change its initial weights)."""
+    precision: str
+    """train.precision: the forward's dtype decides the log-probabilities' last digits."""
+
+
+PREFERENCE_TEMPLATES = ("prompt_response", "chat")
+
+
 def _role_fields(task: str, template: str) -> tuple[dict[str, str], tuple[str, ...]]:
     """Role -> the DataConfig field naming its column, and the optional roles."""
+    if task == "preference":
+        return {"prompt": "prompt_column", "chosen": "chosen_column", "rejected": "rejected_column"}, ()
     if task == "classification":
         return {"text": "text_column", "label": "label_column"}, ()
     if task == "seq2seq":
@@ -66,8 +84,8 @@ _METHOD_FIELDS = {  # train fields only these methods read
 
 
 class PipelineConfig(Section):
-    task: Literal["causal_lm", "classification", "seq2seq"] = "causal_lm"
-    """What the model learns: `causal_lm` (next-token / instruction SFT), `classification` (text -> label), `seq2seq` (source -> target)."""
+    task: Literal["causal_lm", "classification", "seq2seq", "preference"] = "causal_lm"
+    """What the model learns: `causal_lm` (next-token / instruction SFT), `classification` (text -> label), `seq2seq` (source -> target), `preference` (DPO on prompt, chosen, rejected: a causal LM learns to prefer the chosen answer; the `prompt_response` or `chat` template)."""
     data: DataConfig = DataConfig()
 
     sample: SampleConfig = SampleConfig()
@@ -106,6 +124,9 @@ class PipelineConfig(Section):
                              "(use right, left or drop)")
         if self.tokenize.truncation == "prompt" and not self.tokenize.mask_prompt:
             raise ValueError("tokenize.truncation 'prompt' finds the prompt by its masked labels: it needs tokenize.mask_prompt true")
+        if self.task == "preference" and self.preprocess.template not in PREFERENCE_TEMPLATES:
+            raise ValueError(f"preprocess.template {self.preprocess.template!r}: task preference reads prompt, chosen and rejected "
+                             f"columns with one of {list(PREFERENCE_TEMPLATES)}")
         if t.early_stopping_metric == "accuracy" and self.task != "classification":
             raise ValueError(f"train.early_stopping_metric 'accuracy' needs task classification (task is {self.task!r})")
         if t.launcher == "local" and t.nnodes > 1 and not t.rdzv_endpoint:
@@ -116,9 +137,17 @@ class PipelineConfig(Section):
     @property
     def row_spec(self) -> RowSpec:
         layout = self.preprocess.template if self.task == "causal_lm" else self.task
+        if self.task == "preference":
+            layout = "preference_chat" if self.preprocess.template == "chat" else "preference"
         fields, optional = _role_fields(self.task, self.preprocess.template)
         columns = {role: getattr(self.data, field) for role, field in fields.items()}
         return RowSpec(task=self.task, template=layout, columns=columns, optional=optional)
+
+    @property
+    def reference_spec(self) -> ReferenceSpec:
+        scratch = self.model.init == "scratch"
+        extra = self.train.num_virtual_tokens if scratch and self.train.method == "prompt_tuning" else 0
+        return ReferenceSpec(seed=self.train.seed if scratch else None, extra_positions=extra, precision=self.train.precision)
 
     def inactive_keys(self) -> dict[str, str]:
         """Dotted key -> why this config's run ignores it."""
@@ -130,7 +159,7 @@ class PipelineConfig(Section):
                 why = f"preprocess.template is {self.preprocess.template}" if self.task == "causal_lm" else f"task is {self.task}"
                 out[f"data.{field}"] = why
         template_fields = {f for fields in _TEMPLATE_FIELDS.values() for f in fields}
-        if self.task != "causal_lm":
+        if self.task not in ("causal_lm", "preference"):
             for field in ("template", *sorted(template_fields)):
                 out[f"preprocess.{field}"] = f"task is {self.task} (templates are for causal_lm)"
         else:
@@ -144,6 +173,11 @@ class PipelineConfig(Section):
             out["model.name"] = "model.init is scratch (a fresh GPT-2 or T5 of model.n_layer x n_embd)"
         if m.init != "pretrained" or not m.name.startswith("registry://"):
             out["model.registry"] = "model.name is not a registry:// name"
+        if self.task != "preference":
+            out["train.dpo_beta"] = f"task is {self.task} (DPO is task preference)"
+            out["evaluate.min_reward_accuracy"] = f"task is {self.task} (a preference gate)"
+        else:
+            out["tokenize.packing"] = "task is preference (pairs are never packed)"
         for field, methods in _METHOD_FIELDS.items():
             if t.method not in methods:
                 out[f"train.{field}"] = f"train.method is {t.method}"

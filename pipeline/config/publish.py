@@ -22,6 +22,8 @@ class EvaluateConfig(Section):
     """Evaluation gate (classification): refuse to publish when held-out accuracy is below this."""
     min_rouge_l: float | None = Field(None, ge=0.0, le=1.0)
     """Evaluation gate (seq2seq; causal_lm with rouge_rows): refuse to publish when held-out ROUGE-L F1 is below this."""
+    min_reward_accuracy: float | None = Field(None, ge=0.0, le=1.0)
+    """Evaluation gate (preference): refuse to publish when fewer held-out pairs than this fraction have the chosen answer's implicit reward above the rejected one's."""
 
 
 class RegistryConfig(Section):

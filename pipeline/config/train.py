@@ -124,6 +124,9 @@ class TrainConfig(Section):
     """`prompt_tuning`: initialise the soft prompt from this text's token embeddings (e.g. "Summarize the following"); default: random."""
     adapter_size: int = Field(16, gt=0)
     """`adapters`: bottleneck width of each adapter."""
+    dpo_beta: float = Field(0.1, gt=0.0)
+    """Preference (DPO): how far the policy may move from the reference model; the loss is
+    -log sigmoid(beta x (chosen log-ratio - rejected log-ratio)) (Rafailov et al. 2023). Higher: stays closer."""
 
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     """Data parallelism: `ddp` (torch DistributedDataParallel) or `deepspeed` (ZeRO, see deepspeed_config)."""

@@ -192,11 +192,51 @@ class SourceTargetPairs:
         return int(both.sum())
 
 
-def open_split(folder: str | Path):
-    """The loader for a committed split folder, chosen by the task and packing in ../meta.json."""
+class PreferencePairs(Examples):
+    """Preference (DPO): pair i is sequences 2i (chosen) and 2i + 1 (rejected) of the `none` layout
+    (data/preference_tokens.py). A batch of n pairs is 2n right-padded rows, the n chosen first,
+    with the reference model's log-probabilities of each row as `reference_logps` (float64 [2n])
+    when the reference stage's output was given."""
+
+    def __init__(self, folder: str | Path, meta: dict | None = None, reference: np.ndarray | None = None):
+        super().__init__(folder, meta)
+        pairs = len(self.offsets) // 2
+        if reference is not None and reference.shape != (pairs, 2):
+            raise ValueError(f"{folder}: reference log-probabilities have shape {reference.shape}, the split {pairs} pairs")
+        self.reference = reference
+        self.lengths = np.diff(self.offsets).reshape(pairs, 2).max(axis=1)  # a pair pads to its longer answer
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def rows(self, pair_ids) -> np.ndarray:
+        ids = np.asarray(pair_ids, dtype=np.int64)
+        return np.concatenate([2 * ids, 2 * ids + 1])
+
+    def batch(self, pair_ids) -> dict[str, torch.Tensor]:
+        out = super().batch(self.rows(pair_ids))
+        if self.reference is not None:
+            ids = np.asarray(pair_ids, dtype=np.int64)
+            out["reference_logps"] = torch.from_numpy(np.concatenate([self.reference[ids, 0], self.reference[ids, 1]]))
+        return out
+
+    def real_tokens(self, pair_ids) -> int:
+        return super().real_tokens(self.rows(pair_ids))
+
+
+REFERENCE_LOGPS = "reference_logps.npy"
+"""The reference stage's file per split: float64 [pairs, 2], (chosen, rejected) log-probabilities."""
+
+
+def open_split(folder: str | Path, reference: str | Path | None = None):
+    """The loader for a committed split folder, chosen by the task and packing in ../meta.json.
+    `reference`: the reference stage's output (task preference), whose same-named split it reads."""
     folder = Path(folder)
     meta = _read_meta(folder)
     task = meta.get("task", "causal_lm")
+    if task == "preference":
+        logps = np.load(Path(reference) / folder.name / REFERENCE_LOGPS) if reference is not None else None
+        return PreferencePairs(folder, meta, logps)
     if task == "classification":
         return ClassifiedTexts(folder, meta)
     if task == "seq2seq":

@@ -14,6 +14,7 @@ validation or the length filters, and writes:
                       causal_lm chat: messages (canonical JSON list of {"role", "content"}), text (contents joined by "\\n")
                       classification: text, label
                       seq2seq: source, target, text (= source + "\\n" + target)
+                      preference: prompt (or messages), chosen, rejected, text (data/preference.py)
     rejects.jsonl     one {"split", "row", "reason", "raw"} per dropped row; `row` counts from 0 within the split
 
 Normalisation applies to the column values, never to the templates around them: a template's
@@ -32,7 +33,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, PreprocessConfig, RowSpec
+from pipeline.data.messages import Reject, normalize_messages
 from pipeline.data.normalize import Normalizer, make_normalizer, stopwords_digest
+from pipeline.data import preference
 
 SPLITS = ("train", "validation", "test")
 OPTIONAL_SPLITS = ("test",)  # sample outputs from before the test split have no test.parquet
@@ -48,6 +51,7 @@ OUTPUT_COLUMNS = {
     "chat": ("messages", "text"),
     "classification": ("text", "label"),
     "seq2seq": ("source", "target", "text"),
+    **preference.OUTPUT_COLUMNS,
 }
 # What the model learns to produce, by layout: the part `min_chars` measures.
 LEARNED_PART = {
@@ -57,6 +61,8 @@ LEARNED_PART = {
     "chat": "assistant messages",
     "classification": "text",
     "seq2seq": "target",
+    "preference": "shorter answer",
+    "preference_chat": "shorter answer",
 }
 COLUMN_KEYS = {
     "prompt": "data.prompt_column",
@@ -69,28 +75,18 @@ COLUMN_KEYS = {
     "source": "data.text_column",
     "label": "data.label_column",
     "target": "data.target_column",
+    "chosen": "data.chosen_column",
+    "rejected": "data.rejected_column",
 }
 TEMPLATES = {
     "prompt_response": (("prompt_template", ("prompt",)), ("response_template", ("response",))),
     "instruction": (("instruction_template", ("instruction", "input")), ("instruction_template_no_input", ("instruction",))),
+    "preference": (("prompt_template", ("prompt",)), ("response_template", ("response",))),
 }
 # A label is a class name, not text: lowercasing it or removing its punctuation would merge or
 # rename classes, so it is only stripped of surrounding spaces. (Messages are JSON: their
 # contents are normalised once parsed, see normalize_messages.)
 NOT_NORMALISED = frozenset({"label"})
-CHAT_ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
-
-
-@dataclass(frozen=True)
-class Reject:
-    kind: str
-    """The stats key: missing_value, invalid_messages, too_short, too_long."""
-    detail: str
-
-    @property
-    def reason(self) -> str:
-        return f"{self.kind}: {self.detail}"
 
 
 Rendered = tuple[dict[str, str], str]
@@ -98,7 +94,7 @@ Rendered = tuple[dict[str, str], str]
 
 
 def layout(spec: RowSpec) -> str:
-    return spec.template if spec.task == "causal_lm" else spec.task
+    return spec.template if spec.task in ("causal_lm", "preference") else spec.task
 
 
 # ---------------------------------------------------------------- checks before any data is read
@@ -137,69 +133,6 @@ def check_columns(path: Path, spec: RowSpec) -> None:
                 f"{path}: no column '{column}', which the {layout(spec)} layout reads as its {role} "
                 f"(config key {COLUMN_KEYS[role]}); the columns are {names}"
             )
-
-
-# ---------------------------------------------------------------- chat messages
-
-
-def _json_type(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
-    return names.get(type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
-
-
-def _message(number: int, item: Any) -> dict[str, str] | Reject:
-    def invalid(detail: str) -> Reject:
-        return Reject("invalid_messages", f"message {number}: {detail}")
-
-    if not isinstance(item, dict):
-        return invalid(f"expected an object, got {_json_type(item)}")
-    if "role" in item:
-        role, content, content_key = item["role"], item.get("content"), "content"
-        if role not in CHAT_ROLES:
-            return invalid(f"role {role!r} is not system/user/assistant")
-    elif "from" in item:  # ShareGPT layout
-        speaker, content, content_key = item["from"], item.get("value"), "value"
-        if speaker not in SHAREGPT_ROLES:
-            return invalid(f"from {speaker!r} is not human/gpt/system")
-        role = SHAREGPT_ROLES[speaker]
-    else:
-        return invalid(f"needs the keys role and content (or ShareGPT's from and value), has {sorted(item)}")
-    if not isinstance(content, str):
-        return invalid(f"{content_key} must be a string, got {_json_type(content)}")
-    return {"role": role, "content": content}
-
-
-def parse_messages(value: Any) -> list[dict[str, str]] | Reject:
-    """One row's messages as [{"role", "content"}] (ShareGPT turns mapped), or why they are invalid."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            return Reject("invalid_messages", f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})")
-    if not isinstance(value, list):
-        return Reject("invalid_messages", f"expected a JSON list of messages, got {_json_type(value)}")
-    messages = []
-    for number, item in enumerate(value, 1):
-        message = _message(number, item)
-        if isinstance(message, Reject):
-            return message
-        messages.append(message)
-    if not any(m["role"] == "assistant" for m in messages):
-        return Reject("invalid_messages", f"no assistant message among {len(messages)}: nothing to learn")
-    return messages
-
-
-def normalize_messages(values: list[Any], normalize: Normalizer) -> list[list[dict[str, str]] | Reject | None]:
-    """Parse a batch of messages columns and normalise every content in one vectorised call."""
-    parsed = [None if v is None else parse_messages(v) for v in values]
-    conversations = [p for p in parsed if isinstance(p, list)]
-    contents = normalize([m["content"] for c in conversations for m in c]).to_pylist()
-    position = 0
-    for conversation in conversations:
-        for message in conversation:
-            message["content"] = contents[position]
-            position += 1
-    return parsed
 
 
 # ---------------------------------------------------------------- one row -> output row
@@ -252,6 +185,8 @@ RENDERERS: dict[str, Callable[[dict, PreprocessConfig], Rendered | Reject]] = {
     "chat": render_chat,
     "classification": render_classification,
     "seq2seq": render_seq2seq,
+    "preference": preference.render,
+    "preference_chat": preference.render_chat,
 }
 
 
@@ -281,6 +216,8 @@ def role_values(batch: pa.RecordBatch, spec: RowSpec, normalize: Normalizer) -> 
             values[role] = [None] * batch.num_rows
         elif role == "messages":  # JSON text, or already a list of structs in a hand-written file
             values[role] = normalize_messages(batch.column(column).to_pylist(), normalize)
+        elif spec.template == "preference_chat":
+            values[role] = preference.chat_values(role, batch.column(column).to_pylist(), normalize)
         else:
             # Ingest writes every column as text; a hand-written file may hold numbers (labels 0/1).
             text = batch.column(column).cast(pa.string())

@@ -13,6 +13,7 @@ split (train, validation, test; a missing split file is an empty split):
     causal_lm, packing none     input_ids.npy, labels.npy flat int32, offsets.npy int64 [examples + 1]
     classification              input_ids.npy flat, offsets.npy, class_ids.npy int64 [examples]
     seq2seq                     input_ids.npy, offsets.npy (source), target_ids.npy, target_offsets.npy
+    preference                  input_ids.npy, labels.npy flat, offsets.npy [2 x pairs + 1] (data/preference.py)
 
 Labels are aligned with input_ids (the model shifts them, as in HF); -100 takes no loss.
 A causal example is prompt + response + eos, the prompt labelled -100 with `mask_prompt`; a chat
@@ -38,6 +39,7 @@ import pyarrow.parquet as pq
 
 from pipeline.artifacts import sha256_file
 from pipeline.config import ModelConfig, RowSpec, TokenizeConfig
+from pipeline.data import preference_tokens
 from pipeline.data.packing import IGNORE_INDEX, Ragged, concatenate, interleave, offsets_of, pack_bins, pack_concat, select, truncate
 from pipeline.data.text_tokenizer import (
     build_tokenizer,
@@ -250,6 +252,10 @@ def tokenize_split(path: Path, folder: Path, cfg: TokenizeConfig, spec: RowSpec,
         before, after = special_affixes(encoder)
         eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
         return write_seq2seq(folder, source, target, cfg, (before, after), (before, after or eos))
+    if spec.task == "preference":
+        chat = spec.template == "preference_chat"
+        batches = iter_columns(path, preference_tokens.columns(chat), max(cfg.batch_size, ENCODE_ROWS))
+        return preference_tokens.write_pairs(folder, preference_tokens.tokenize_pairs(batches, tokenizer, encoder, chat), cfg)
     if spec.template == "chat":
         examples = chat_split(path, tokenizer, encoder, cfg)
     else:  # prompt_response, instruction and text all arrive as prompt + response
@@ -265,10 +271,11 @@ def train_texts(path: Path, rows: int) -> Iterator[str]:
 def run(cfg: TokenizeConfig, model: ModelConfig, spec: RowSpec, *, inputs: dict[str, Path], out: Path, scratch: Path) -> dict:
     source = Path(inputs["preprocess"])
     set_tokenizer_threads(cfg.num_threads)
-    chat = spec.task == "causal_lm" and spec.template == "chat"
+    chat = (spec.task, spec.template) in (("causal_lm", "chat"), ("preference", "preference_chat"))
     label_names = label_names_of(source) if spec.task == "classification" else None
     # Scratch tokenizers learn from the train split only, so validation stays unseen.
-    tokenizer = build_tokenizer(model, cfg, train_texts(source / "train.parquet", cfg.batch_size), chat=chat, task=spec.task)
+    tokenizer = build_tokenizer(model, cfg, train_texts(source / "train.parquet", cfg.batch_size), chat=chat,
+                                task="causal_lm" if spec.task == "preference" else spec.task)
     tokenizer.save_pretrained(out / "tokenizer")
     encoder = fast_encoder(tokenizer)
 
@@ -280,7 +287,7 @@ def run(cfg: TokenizeConfig, model: ModelConfig, spec: RowSpec, *, inputs: dict[
         if split == "train" and splits[split]["tokens"] == 0:
             raise ValueError(f"{path}: the train split has no tokens (no rows survived sampling?)")
 
-    packing = cfg.packing if spec.task == "causal_lm" else "none"  # classification and seq2seq are never packed
+    packing = cfg.packing if spec.task == "causal_lm" else "none"  # classification, seq2seq and pairs are never packed
     meta = {
         "task": spec.task,
         "packing": packing,

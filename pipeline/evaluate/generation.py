@@ -48,10 +48,15 @@ def sample_prompts(path: Path, tokenizer, count: int) -> list[tuple[str, str]]:
     """
     columns = pq.ParquetFile(path).schema_arrow.names
     pairs: list[tuple[str, str]] = []
+    answer = "chosen" if "chosen" in columns else "response"  # preference pairs: the chosen answer is the reference
     if "prompt" in columns:
-        for row in pq.read_table(path, columns=["prompt", "response"]).to_pylist():
+        for row in pq.read_table(path, columns=["prompt", answer]).to_pylist():
             if row["prompt"] and len(pairs) < count:
-                pairs.append((row["prompt"], row["response"]))
+                pairs.append((row["prompt"], row[answer]))
+    elif "messages" in columns and answer == "chosen":  # a preference chat: messages are the prompt
+        for row in pq.read_table(path, columns=["messages", answer]).to_pylist()[:count]:
+            prompt = tokenizer.apply_chat_template(json.loads(row["messages"]), tokenize=False, add_generation_prompt=True)
+            pairs.append((prompt, row[answer]))
     elif "messages" in columns:
         for text in pq.read_table(path, columns=["messages"])["messages"].to_pylist()[:count]:
             messages = json.loads(text)

@@ -12,11 +12,14 @@ The task is the tokenize output's (meta.json `task`). metrics.json holds `task`,
                     held-out split: test if it has rows, else validation
     seq2seq         eval_loss, eval_tokens and rouge_l (ROUGE-L F1 of greedy generations against the
                     references) on the held-out split, a few `generations` listed
+    preference      eval_loss (DPO's), rewards/chosen, rewards/rejected, rewards/margins and
+                    rewards/accuracies on the held-out pairs (against the reference stage's
+                    log-probabilities, at the train's dpo_beta); `generations` as for causal_lm
 
 Every split is scored in batches of 8, up to evaluate.max_batches batches (generations included):
 all its rows when they fit, else a fixed random subset of that many (data/loader.py: held_out_batches).
 `gate` is {thresholds, passed, failed}: the task's thresholds (evaluate.max_perplexity, min_accuracy,
-min_rouge_l) and a line per one missed; a threshold for another task's metric is listed as
+min_rouge_l, min_reward_accuracy) and a line per one missed; a threshold for another task's metric is listed as
 `not_applicable` and does not block. No held-out rows means no measurement, which fails a set gate.
 """
 
@@ -37,11 +40,13 @@ from pipeline.evaluate.generation import generate, sample_prompts  # noqa: F401 
 from pipeline.evaluate.summaries import causal_rouge
 from pipeline.registry.bases import model_source
 from pipeline.train.modeling import AUTO_CLASSES
+from pipeline.train.objectives import preference_loss, reward_metrics
 
 _EVAL_BATCH = 8
-GATES = {"max_perplexity": "perplexity", "min_accuracy": "accuracy", "min_rouge_l": "rouge_l"}
+GATES = {"max_perplexity": "perplexity", "min_accuracy": "accuracy", "min_rouge_l": "rouge_l", "min_reward_accuracy": "rewards/accuracies"}
 """Gate setting -> the metric it bounds (max_: at most, min_: at least)."""
-TASK_GATES = {"causal_lm": ("max_perplexity",), "classification": ("min_accuracy",), "seq2seq": ("min_rouge_l",)}
+TASK_GATES = {"causal_lm": ("max_perplexity",), "classification": ("min_accuracy",), "seq2seq": ("min_rouge_l",),
+              "preference": ("min_reward_accuracy",)}
 
 
 def _batches(rows, max_batches: int) -> list[list[int]]:
@@ -60,7 +65,7 @@ def load_tuned(train: Path, task: str, model_cfg: ModelConfig):
     from pipeline.train.methods import load_trained  # imports peft: only when a model is loaded
 
     base = model_source(model_cfg) if model_cfg.init == "pretrained" else train / "base"
-    return load_trained(train / "model", task, base=base)
+    return load_trained(train / "model", "causal_lm" if task == "preference" else task, base=base)
 
 
 def held_out_split(tokenized: Path) -> str:
@@ -93,15 +98,7 @@ def evaluate_causal_lm(cfg: EvaluateConfig, model_cfg: ModelConfig, model, token
     loss, tokens = perplexity(model, open_split(inputs["tokenize"] / "validation"), cfg.max_batches)
     # No validation tokens (sample.validation_fraction: 0) means no measurement, not a perfect score.
     ppl = math.exp(min(loss, 50.0)) if tokens else None
-    base = None
-    if model_cfg.init == "pretrained" and cfg.num_generations:
-        base = AUTO_CLASSES["causal_lm"].from_pretrained(model_source(model_cfg)).eval()
-    generations = []
-    for prompt, reference in sample_prompts(inputs["preprocess"] / "validation.parquet", tokenizer, cfg.num_generations):
-        sample = {"prompt": prompt, "reference": reference, "tuned": generate(model, tokenizer, prompt, cfg.max_new_tokens)}
-        if base is not None:
-            sample["base"] = generate(base, tokenizer, prompt, cfg.max_new_tokens)
-        generations.append(sample)
+    generations = evaluate_causal_generations(cfg, model_cfg, model, tokenizer, inputs["preprocess"])
     rouge = causal_rouge(cfg, model, tokenizer, inputs["preprocess"])
     return {"perplexity": ppl, "eval_loss": loss if tokens else None, "eval_tokens": tokens, "generations": generations, **rouge}
 
@@ -195,6 +192,42 @@ def evaluate_seq2seq(cfg: EvaluateConfig, model_cfg: ModelConfig, model, tokeniz
     }
 
 
+# ---------------------------------------------------------------- preference
+
+
+@torch.no_grad()
+def evaluate_preference(cfg: EvaluateConfig, model_cfg: ModelConfig, model, tokenizer, inputs: dict[str, Path]) -> dict:
+    """DPO's loss and implicit-reward metrics on the held-out pairs, against the reference stage's
+    log-probabilities, at the beta the model was trained with; generations as for a causal LM."""
+    tokenized = inputs["tokenize"]
+    split = held_out_split(tokenized)
+    pairs = open_split(tokenized / split, inputs["reference"])
+    beta = json.loads((inputs["train"] / "train_stats.json").read_text())["dpo_beta"]
+    loss, counted, sums = 0.0, 0, torch.zeros(3, dtype=torch.float64)
+    for ids in held_out_batches(len(pairs), _EVAL_BATCH, cfg.max_batches):
+        batch = pairs.batch(ids)
+        reference, labels = batch.pop("reference_logps"), batch.pop("labels")
+        pair_loss, batch_sums = preference_loss(model(**batch, use_cache=False).logits, labels, reference, beta)
+        loss, counted, sums = loss + pair_loss.item(), counted + len(ids), sums + batch_sums
+    result = {"split": split, "examples": counted, "dpo_beta": beta, "eval_loss": loss / counted if counted else None}
+    result.update({k: (v if counted else None) for k, v in reward_metrics(sums, counted).items()})
+    causal = evaluate_causal_generations(cfg, model_cfg, model, tokenizer, inputs["preprocess"])
+    return {**result, "generations": causal}
+
+
+def evaluate_causal_generations(cfg: EvaluateConfig, model_cfg: ModelConfig, model, tokenizer, preprocess: Path) -> list[dict]:
+    base = None
+    if model_cfg.init == "pretrained" and cfg.num_generations:
+        base = AUTO_CLASSES["causal_lm"].from_pretrained(model_source(model_cfg)).eval()
+    generations = []
+    for prompt, reference in sample_prompts(preprocess / "validation.parquet", tokenizer, cfg.num_generations):
+        sample = {"prompt": prompt, "reference": reference, "tuned": generate(model, tokenizer, prompt, cfg.max_new_tokens)}
+        if base is not None:
+            sample["base"] = generate(base, tokenizer, prompt, cfg.max_new_tokens)
+        generations.append(sample)
+    return generations
+
+
 # ---------------------------------------------------------------- the gate and the stage
 
 
@@ -232,11 +265,14 @@ def run(cfg: EvaluateConfig, model_cfg: ModelConfig, *, inputs: dict[str, Path],
         result = evaluate_classification(cfg, model, tokenizer, tokenized)
     elif task == "seq2seq":
         result = evaluate_seq2seq(cfg, model_cfg, model, tokenizer, tokenized)
+    elif task == "preference":
+        result = evaluate_preference(cfg, model_cfg, model, tokenizer, inputs)
     else:
         result = evaluate_causal_lm(cfg, model_cfg, model, tokenizer, inputs)
     metrics = {"task": task, **result, "gate": judge(cfg, task, result)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
 
-    headline = ("perplexity", "eval_loss", "eval_tokens", "accuracy", "macro_f1", "rouge_1", "rouge_2", "rouge_l", "split", "examples")
+    headline = ("perplexity", "eval_loss", "eval_tokens", "accuracy", "macro_f1", "rouge_1", "rouge_2", "rouge_l", "split", "examples",
+                "rewards/accuracies", "rewards/margins")
     stats = {k: round(v, 5) if isinstance(v, float) else v for k, v in result.items() if k in headline}
     return {"task": task, **stats, "gate_passed": metrics["gate"]["passed"]}

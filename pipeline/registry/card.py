@@ -27,8 +27,10 @@ import yaml
 
 from pipeline.registry.curves import write_curves
 
-HF_TASK = {"causal_lm": "text-generation", "classification": "text-classification", "seq2seq": "text2text-generation"}
-TASK_WORDS = {"causal_lm": "causal language model", "classification": "text classifier", "seq2seq": "sequence-to-sequence model"}
+HF_TASK = {"causal_lm": "text-generation", "classification": "text-classification", "seq2seq": "text2text-generation",
+           "preference": "text-generation"}
+TASK_WORDS = {"causal_lm": "causal language model", "classification": "text classifier", "seq2seq": "sequence-to-sequence model",
+              "preference": "causal language model tuned on preference pairs (DPO)"}
 PEFT_METHODS = frozenset({"lora", "qlora", "prompt_tuning"})
 """Saved by PEFT (an adapter config and its weights): Hugging Face loads them with `peft`."""
 ADAPTER_METHODS = PEFT_METHODS | {"adapters"}

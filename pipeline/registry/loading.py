@@ -62,11 +62,10 @@ def version_record(folder: Path) -> dict:
 
 
 def version_task(folder: Path, record: dict) -> str:
-    if record.get("task"):
-        return record["task"]
-    metrics = _read_json(folder / "metrics.json")
-    if metrics.get("task"):
-        return metrics["task"]
+    """What kind of model the version holds (the Auto class's task): a preference-tuned model is a causal LM."""
+    task = record.get("task") or _read_json(folder / "metrics.json").get("task")
+    if task:
+        return "causal_lm" if task == "preference" else task
     for architecture in record.get("config", {}).get("architectures") or []:
         for suffix, task in _ARCHITECTURE_TASKS.items():
             if architecture.endswith(suffix):

@@ -87,7 +87,7 @@ def run(registry: RegistryConfig, evaluate: EvaluateConfig, model: ModelConfig, 
     if aliases.target(registry.url, registry.model_name, aliases.LATEST) != version:
         aliases.move(registry.url, registry.model_name, aliases.LATEST, version, reason="publish")
     (out / "published.json").write_text(json.dumps({"url": url, "version": version}, indent=2))
-    scores = {k: metrics[k] for k in ("perplexity", "accuracy", "macro_f1", "rouge_l") if k in metrics}
+    scores = {k: metrics[k] for k in ("perplexity", "accuracy", "macro_f1", "rouge_l", "rewards/accuracies") if k in metrics}
     return {"version": version, "url": url, "newly_published": written, **scores}
 
 

@@ -31,9 +31,12 @@ def model_inputs(batch: dict[str, torch.Tensor], task: str) -> tuple[dict[str, t
 
 
 def target_count(labels: torch.Tensor, task: str) -> int:
-    """Targets the loss sums over: next tokens (causal), examples (classification), target tokens (seq2seq)."""
+    """Targets the loss sums over: next tokens (causal), examples (classification), target tokens
+    (seq2seq), pairs (preference: a batch of n pairs is 2n rows)."""
     if task == "classification":
         return int(labels.numel())
+    if task == "preference":
+        return labels.shape[0] // 2
     if task == "seq2seq":
         return int((labels != IGNORE_INDEX).sum())
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
@@ -91,3 +94,55 @@ class TargetPositionsOnly:
             yield
         finally:
             self.mask = None
+
+
+# ---------------------------------------------------------------- preference (DPO)
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's summed log-probability of its labelled next tokens, float32 [rows].
+
+    `logits` are [rows, length, vocab] (a soft prompt's positions may come first), or
+    TargetPositionsOnly's [targets, vocab] in the row-major order of the labelled positions."""
+    targets = labels[:, 1:]
+    learned = targets != IGNORE_INDEX
+    if logits.dim() == 2:
+        token = -F.cross_entropy(logits.float(), targets[learned], reduction="none")
+        rows = learned.nonzero()[:, 0]
+        return torch.zeros(labels.shape[0], dtype=token.dtype, device=token.device).index_add(0, rows, token)
+    logits = logits[:, -labels.shape[1] :][:, :-1].float()
+    token = -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    return token.view(targets.shape).sum(-1)  # ignored positions are 0
+
+
+def preference_loss(logits: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPO's sigmoid loss summed over the batch's n pairs (rows: n chosen, then n rejected), and
+    the sums [chosen reward, rejected reward, pairs ranked right] for the log (detached, float64).
+
+    loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))) per pair (Rafailov et al. 2023,
+    TRL's `sigmoid` loss); reward = beta * (pi - ref). Where policy equals reference it is ln 2."""
+    policy = sequence_logps(logits, labels)
+    n = labels.shape[0] // 2
+    ratios = policy - reference.to(policy.device, policy.dtype)
+    chosen, rejected = beta * ratios[:n], beta * ratios[n:]
+    loss = -F.logsigmoid(chosen - rejected).sum()
+    with torch.no_grad():
+        sums = torch.stack([chosen.sum(), rejected.sum(), (chosen > rejected).sum().to(chosen.dtype)]).double().cpu()
+    return loss, sums
+
+
+REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+"""TRL's names for DPO's log metrics."""
+
+
+def batch_loss(logits: torch.Tensor, labels: torch.Tensor, task: str, reference: torch.Tensor | None, beta: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The summed loss of a batch, and for preference the reward sums of `preference_loss`."""
+    if task == "preference":
+        return preference_loss(logits, labels, reference, beta)
+    return summed_loss(logits, labels, task), None
+
+
+def reward_metrics(sums: torch.Tensor | list[float], pairs: float) -> dict[str, float]:
+    """Means over `pairs` from preference_loss's summed [chosen, rejected, ranked right]."""
+    chosen, rejected, right = (float(v) / max(1.0, pairs) for v in sums)
+    return dict(zip(REWARD_KEYS, (chosen, rejected, chosen - rejected, right)))

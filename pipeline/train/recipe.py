@@ -23,7 +23,6 @@ boundary with a checkpoint (train/preemption.py).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import os
@@ -47,6 +46,7 @@ from pipeline.train.checkpoint_stores import open_checkpoints
 from pipeline.train.job_output import JobOutput, local_input
 from pipeline.train.methods import Method, method_for, save_trained, unwrap
 from pipeline.train.modeling import build_model, count_parameters
+from pipeline.train.host import keep_freed_memory_for_reuse
 from pipeline.train.observe import Monitor, flops_per_token, peak_flops, peak_memory_bytes
 from pipeline.train.parallel.dist import DistInfo, all_gather_floats, all_reduce_sum, barrier, cleanup, init_distributed
 from pipeline.train.parallel.optim import lr_multiplier
@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="folder (or, with --commit-output, URL) for the final model, tokenizer and train log")
     p.add_argument("--commit-output", action="store_true", help="write OUTPUT as a committed folder (manifest with sha256s, written last) for the train stage to adopt: cluster jobs")
     p.add_argument("--checkpoints", required=True, help="folder every rank sees, or a URL (s3://...), for resumable checkpoints")
+    p.add_argument("--reference", help="task preference: the reference stage's output (the reference model's log-probabilities of every pair)")
     p.add_argument("--log-samples", action="store_true", help="write the global sample indices each rank trains on to OUTPUT/samples/rank<R>.jsonl")
     return p.parse_args(argv)
 
@@ -81,24 +82,6 @@ def autocast_context(cfg: TrainConfig, device: torch.device):
     if device.type == "cpu" and cfg.precision == "bf16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext()
-
-
-def keep_freed_memory_for_reuse() -> None:
-    """Pin glibc's malloc thresholds: blocks up to 64 MiB come from the heap, and freed memory is
-    kept for reuse (trimmed only beyond 256 MiB).
-
-    By default glibc serves big blocks (activations, gradients) with mmap and returns them to the
-    OS when freed, under a threshold that moves with the allocation history, so the same loop
-    can page-fault every step's tensors in afresh: 15,000 faults a step against 2,900 here, 12 %
-    slower on 2 cores, depending only on what ran before the loop. Linux/glibc only; elsewhere
-    (or with another allocator preloaded) this does nothing."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    libc.mallopt(M_MMAP_THRESHOLD, 64 << 20)
-    libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -132,31 +115,39 @@ class Run:
     """Step -> learning-rate multiplier (warmup, then cosine)."""
 
     @property
+    def model_task(self) -> str:
+        """What the model is: preference tuning trains a causal LM."""
+        return "causal_lm" if self.task == "preference" else self.task
+
+    @property
     def global_batch(self) -> int:
         t = self.cfg.train
         return t.micro_batch_size * t.grad_accum_steps * self.info.world_size
 
 
-def setup(cfg: PipelineConfig, tokenized: Path, info: DistInfo) -> Run:
-    train_rows = open_split(tokenized / "train")
+def setup(cfg: PipelineConfig, tokenized: Path, info: DistInfo, reference: Path | None = None) -> Run:
+    train_rows = open_split(tokenized / "train", reference)
     # `epochs` and `eval_every: epoch` become steps here, where the rows are known; the run's
     # config is the resolved one from now on (the loop, the schedule, the progress bar).
     cfg = cfg.model_copy(update={"train": cfg.train.for_rows(len(train_rows), info.world_size)})
     tcfg = cfg.train
     meta = json.loads((tokenized / "meta.json").read_text())
     task = meta.get("task", "causal_lm")
+    model_task = "causal_lm" if task == "preference" else task
+    if task == "preference" and reference is None:
+        raise ValueError("task preference needs the reference model's log-probabilities: pass --reference (the reference stage's output)")
     method = method_for(tcfg)
     method.check(tcfg, None, info.device.type)
     validation_rows = None
     if tcfg.eval_every_steps and (tokenized / "validation").is_dir():
-        validation_rows = open_split(tokenized / "validation")
+        validation_rows = open_split(tokenized / "validation", reference)
         validation_rows = validation_rows if len(validation_rows) else None
     # A soft prompt occupies positions too: a scratch model gets room for it in front of the block.
     model_meta = dict(meta, block_size=meta["block_size"] + method.extra_positions(tcfg))
 
-    model = build_model(cfg.model, task, model_meta, tcfg.seed, method.load_kwargs(tcfg))
+    model = build_model(cfg.model, model_task, model_meta, tcfg.seed, method.load_kwargs(tcfg))
     positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
-    if task == "causal_lm" and positions and positions < model_meta["block_size"]:
+    if model_task == "causal_lm" and positions and positions < model_meta["block_size"]:
         # Else an IndexError deep inside the embedding lookup at the first step.
         raise ValueError(f"tokenize.block_size {meta['block_size']} + {method.extra_positions(tcfg)} virtual tokens needs "
                          f"{model_meta['block_size']} positions, but the model has {positions}: lower tokenize.block_size "
@@ -168,15 +159,21 @@ def setup(cfg: PipelineConfig, tokenized: Path, info: DistInfo) -> Run:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = method.apply(model, tcfg, task, tokenized / "tokenizer")
-    if tcfg.fast_cpu_dropout and info.device.type == "cpu":
+    model = method.apply(model, tcfg, model_task, tokenized / "tokenizer")
+    if task == "preference":
+        # As TRL does: without dropout the policy's first log-probabilities are the reference's
+        # (the loss starts at ln 2), and the log-ratios measure the weights, not the noise.
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    elif tcfg.fast_cpu_dropout and info.device.type == "cpu":
         cpu_dropout.install(model)
     model.train()
     trainable, total = count_parameters(model)
     flops_token = flops_per_token(model, train_rows.block_size)
     # Causal LM: the output head runs only where a target follows (not on prompts and padding);
     # not where a method puts positions of its own in front.
-    head = unwrap(model).get_output_embeddings() if task == "causal_lm" and not method.extra_positions(tcfg) else None
+    head = unwrap(model).get_output_embeddings() if model_task == "causal_lm" and not method.extra_positions(tcfg) else None
     only_targets = objectives.TargetPositionsOnly(head) if head is not None else None
     replica = wrap_model(model, method.parameter_groups(model, tcfg), tcfg, info)
     # Rows padded per batch can be grouped by length (less padding; a bias in the batches).
@@ -212,6 +209,8 @@ class StepResult:
     """Tokens of the global batch that are not padding (throughput counts these)."""
     samples: list[int]
     """Global sample indices this rank trained on."""
+    extras: dict[str, float]
+    """Task metrics of the step for the log (preference: rewards/chosen, rejected, margins, accuracies)."""
 
 
 def train_step(run: Run, state: TrainState, checkpoints) -> StepResult:
@@ -234,16 +233,20 @@ def train_step(run: Run, state: TrainState, checkpoints) -> StepResult:
     scale = info.world_size / max(1.0, global_targets)  # data parallelism averages gradients over ranks
 
     loss_sum = torch.zeros((), dtype=torch.float64)
+    reward_sums = torch.zeros(3, dtype=torch.float64)
     for m, batch in enumerate(micro_batches):
         last = m == len(micro_batches) - 1
+        reference = batch.pop("reference_logps", None)
         inputs, labels = objectives.model_inputs({k: v.to(info.device) for k, v in batch.items()}, task)
         with replica.micro_step(last):
             selecting = run.only_targets.selecting(labels) if run.only_targets else nullcontext()
             with autocast_context(tcfg, info.device), selecting:
-                target_loss = objectives.summed_loss(replica.forward(**inputs).logits, labels, task)
+                target_loss, sums = objectives.batch_loss(replica.forward(**inputs).logits, labels, task, reference, tcfg.dpo_beta)
             replica.backward(target_loss * scale, last)
+        reward_sums += 0 if sums is None else sums
         loss_sum += target_loss.detach().double().cpu()
     loss = all_reduce_sum(loss_sum, info).item() / max(1.0, global_targets)
+    extras = objectives.reward_metrics(all_reduce_sum(reward_sums, info), global_targets) if task == "preference" else {}
     newest = lambda: f"Newest complete checkpoint: {checkpoints.newest()} (untouched)."  # noqa: E731
     if not math.isfinite(loss):
         raise NonFiniteLoss(f"step {state.step + 1}: loss is {loss}; stopped before the optimizer step. {newest()} "
@@ -253,7 +256,7 @@ def train_step(run: Run, state: TrainState, checkpoints) -> StepResult:
     if not math.isfinite(grad_norm) and not replica.handles_overflow:
         raise NonFiniteLoss(f"step {state.step + 1}: gradient norm is {grad_norm}; stopped before saving. {newest()} "
                             "Lower train.lr or train.max_grad_norm.")
-    return StepResult(loss, grad_norm, tcfg.lr * multiplier, global_real, my_samples)
+    return StepResult(loss, grad_norm, tcfg.lr * multiplier, global_real, my_samples, extras)
 
 
 @torch.no_grad()
@@ -264,16 +267,21 @@ def validate(run: Run) -> dict[str, float]:
     forward gathers parameters from all ranks, gets the same number of forwards on each."""
     tcfg, device, task, rows = run.cfg.train, run.info.device, run.task, run.validation_rows
     run.replica.module.eval()
-    loss, targets, correct = 0.0, 0, 0
+    loss, targets, correct, reward_sums = 0.0, 0, 0, torch.zeros(3, dtype=torch.float64)
     for ids in held_out_batches(len(rows), tcfg.micro_batch_size, tcfg.eval_batches):
-        inputs, labels = objectives.model_inputs({k: v.to(device) for k, v in rows.batch(ids).items()}, task)
+        batch = rows.batch(ids)
+        reference = batch.pop("reference_logps", None)
+        inputs, labels = objectives.model_inputs({k: v.to(device) for k, v in batch.items()}, task)
         with autocast_context(tcfg, device):
             logits = run.replica.forward(**inputs).logits
-        loss += objectives.summed_loss(logits, labels, task).item()
+        batch_loss, sums = objectives.batch_loss(logits, labels, task, reference, tcfg.dpo_beta)
+        loss, reward_sums = loss + batch_loss.item(), reward_sums + (0 if sums is None else sums)
         targets += objectives.target_count(labels, task)
         correct += objectives.correct_count(logits, labels, task) or 0
     run.replica.module.train()
     metrics = {"eval_loss": loss / max(1, targets)}
+    if task == "preference":
+        metrics.update({f"eval_{k}": v for k, v in objectives.reward_metrics(reward_sums, targets).items()})
     if task == "classification":
         metrics["accuracy"] = correct / max(1, targets)
     return metrics
@@ -294,7 +302,7 @@ def save_model(run: Run, state: TrainState, tokenized: Path, output: Path, stats
     save_trained(run.replica.module, output / "model", state_dict=gathered, method=run.method.name)
     if run.method.adapters_only and run.cfg.model.init == "scratch":
         # Adapters need their base; a scratch base exists nowhere else.
-        build_model(run.cfg.model, run.task, run.model_meta, run.cfg.train.seed).save_pretrained(output / "base", safe_serialization=True)
+        build_model(run.cfg.model, run.model_task, run.model_meta, run.cfg.train.seed).save_pretrained(output / "base", safe_serialization=True)
     shutil.copytree(tokenized / "tokenizer", output / "tokenizer", dirs_exist_ok=True)
     with open(output / "train_log.jsonl", "w") as f:
         for row in state.history:
@@ -321,6 +329,7 @@ def run_stats(run: Run, state: TrainState, start_step: int, tokens: int, seconds
         "peak_memory_bytes": [int(m) for m in memory],
         "validations": state.evals,
         "early_stopping": state.early_stopping() if tcfg.early_stopping_patience else None,
+        **({"dpo_beta": tcfg.dpo_beta} if run.task == "preference" else {}),
     }
 
 
@@ -348,7 +357,7 @@ def train(args: argparse.Namespace, cfg: PipelineConfig, info: DistInfo, checkpo
     tokenized = local_input(args.tokenized)
     job_output = JobOutput(args.output, args.commit_output, info.is_main)
     output = job_output.path
-    run = setup(cfg, tokenized, info)
+    run = setup(cfg, tokenized, info, local_input(args.reference) if args.reference else None)
     tcfg = run.cfg.train  # epochs resolved into steps
     state = resume(run, checkpoints)
     start_step, tokens = state.step, 0
@@ -361,7 +370,7 @@ def train(args: argparse.Namespace, cfg: PipelineConfig, info: DistInfo, checkpo
     while state.step < tcfg.max_steps and state.stopped_at is None:
         result = train_step(run, state, checkpoints)
         state.step, state.samples_seen = state.step + 1, state.samples_seen + run.global_batch
-        state.history.append({"step": state.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm})
+        state.history.append({"step": state.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm, **result.extras})
         tokens += result.real_tokens
         monitor.step(state.step, result.loss, result.lr, result.grad_norm, result.real_tokens)
         if sample_log:

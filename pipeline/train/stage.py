@@ -42,11 +42,14 @@ class JobPlan:
     checkpoints: str
     job_output: str
     """Where a job that the stage does not run in its own process tree commits its model (job_output.py)."""
+    reference: str | None = None
+    """Task preference: the reference stage's output."""
 
     def worker_args(self, output: str | None = None) -> list[str]:
         """The recipe's arguments: into `output` (the stage's own folder), else committed at job_output."""
         where = ["--output", output] if output else ["--output", self.job_output, "--commit-output"]
-        return ["--tokenized", self.tokenized, "--config", self.config_file, *where, "--checkpoints", self.checkpoints]
+        reference = ["--reference", self.reference] if self.reference else []
+        return ["--tokenized", self.tokenized, *reference, "--config", self.config_file, *where, "--checkpoints", self.checkpoints]
 
 
 def job_config(model: ModelConfig, train: TrainConfig) -> str:
@@ -55,7 +58,7 @@ def job_config(model: ModelConfig, train: TrainConfig) -> str:
 
 
 def plan_job(model: ModelConfig, train: TrainConfig, *, tokenized: str, scratch: Path, shared: str,
-             config_at: str | None = None) -> JobPlan:
+             config_at: str | None = None, reference: str | None = None) -> JobPlan:
     """Write the job's config (model and train sections) into the scratch folder and say where
     everything goes. Checkpoints: `train.checkpoint_dir/train/<fp>`, else beside the job output
     in the stage's shared scratch (on S3 for an s3:// workdir), so a job on any node resumes."""
@@ -66,7 +69,8 @@ def plan_job(model: ModelConfig, train: TrainConfig, *, tokenized: str, scratch:
     config_file = scratch / "train_config.json"
     config_file.write_text(job_config(model, train))
     checkpoints = artifacts.join(train.checkpoint_dir, "train", fp) if train.checkpoint_dir else artifacts.join(shared, "checkpoints")
-    return JobPlan(fp, config_at or str(config_file), tokenized, checkpoints, artifacts.join(shared, "output"))
+    reference = _absolute(reference) if reference else None
+    return JobPlan(fp, config_at or str(config_file), tokenized, checkpoints, artifacts.join(shared, "output"), reference)
 
 
 # Runs `python -m ...` once it has asked for SIGTERM when this orchestrator dies (even by SIGKILL):
@@ -127,7 +131,8 @@ def _relay(proc: subprocess.Popen) -> list[str]:
 def run(model: ModelConfig, train: TrainConfig, slurm: SlurmConfig, *, inputs: dict[str, Path], out: Path,
         scratch: Path, shared: str) -> dict:
     preflight(model, train)
-    plan = plan_job(model, train, tokenized=str(inputs["tokenize"]), scratch=scratch, shared=shared)
+    reference = str(inputs["reference"]) if "reference" in inputs else None
+    plan = plan_job(model, train, tokenized=str(inputs["tokenize"]), reference=reference, scratch=scratch, shared=shared)
     if job_output.committed(plan.job_output) is not None:
         print(f"[train] adopting the model a job already committed at {plan.job_output}", flush=True)
     elif train.launcher == "slurm":
