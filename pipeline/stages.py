@@ -322,7 +322,7 @@ def preflight(cfg: PipelineConfig, fingerprints: dict[str, str], workdir: str, l
         pass  # the run itself will name the problem with the committed output
     from pipeline.train.stage import preflight as train_preflight
 
-    for warning in train_preflight(cfg.model, cfg.train):
+    for warning in [*cfg.disappointing_settings(), *train_preflight(cfg.model, cfg.train)]:
         log(f"warning: {warning}")
 
 

@@ -87,3 +87,20 @@ def test_causal_rouge_scores_held_out_rows_and_gates_them(tiny_lm, tmp_path):
     assert causal_rouge(off, model, tokenizer, preprocess) == {}
     assert judge(off, "causal_lm", {"perplexity": 3.0}) == {"thresholds": {}, "passed": True, "failed": [],
                                                               "not_applicable": {"min_rouge_l": 0.9}}
+
+
+def test_a_long_prompt_keeps_its_lead_and_its_end_as_training_truncation_does():
+    from pipeline.evaluate.generation import fit_prompt
+
+    assert fit_prompt(list(range(100)), 20) == list(range(15)) + list(range(95, 100))
+    assert fit_prompt(list(range(10)), 20) == list(range(10))
+    assert fit_prompt(list(range(10)), 3) == [0, 1, 2]
+
+
+def test_the_baselines_are_scored_like_the_answers():
+    from pipeline.evaluate.summaries import baselines
+
+    prompts = ["alpha beta gamma delta\nTL;DR: ", "one two three four five\nTL;DR: "]
+    found = baselines(prompts, ["alpha beta", "one two three"])
+    assert found["lead"]["rouge_1"] == 1.0 and found["lead"]["rouge_l"] == 1.0
+    assert found["another_rows_summary"]["rouge_1"] == 0.0

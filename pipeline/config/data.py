@@ -127,7 +127,7 @@ class TokenizeConfig(Section):
     packing: Literal["none", "concat", "bins"] = "concat"
     """`none`: one example per row, padded per batch by the trainer; `concat`: examples joined and cut into blocks (nothing truncated, examples may span blocks); `bins`: whole examples placed into blocks first-fit-decreasing, positions restarting at each example."""
     truncation: Literal["right", "left", "prompt", "drop"] = "right"
-    """`none`/`bins`: an example longer than block_size keeps its first tokens (`right`), its last tokens (`left`), its whole response with the middle of its prompt cut (`prompt`: for long articles and their summaries; causal_lm), or is dropped (`drop`); counted in the stats. `prompt` drops an example whose response alone is too long."""
+    """`none`/`bins`: an example longer than block_size keeps its first tokens (`right`), its last tokens (`left`), its whole response with the middle of its prompt cut (`prompt`: for long articles and their summaries; causal_lm and preference pairs), or is dropped (`drop`); counted in the stats. `prompt` drops an example whose response alone is too long."""
     vocab_size: int = Field(2000, ge=300)
     """Vocabulary size of the BPE tokenizer trained on the train split when `model.init` is `scratch`."""
     batch_size: int = Field(1000, gt=0)

@@ -119,7 +119,7 @@ class PipelineConfig(Section):
         t = self.train
         if t.early_stopping_patience is not None and not t.validates:
             raise ValueError("train.early_stopping_patience needs train.eval_every_steps or train.eval_every (how often to validate)")
-        if self.tokenize.truncation == "prompt" and self.task != "causal_lm":
+        if self.tokenize.truncation == "prompt" and self.task not in ("causal_lm", "preference"):
             raise ValueError(f"tokenize.truncation 'prompt' cuts a causal LM example's prompt; task is {self.task!r} "
                              "(use right, left or drop)")
         if self.tokenize.truncation == "prompt" and not self.tokenize.mask_prompt:
@@ -201,6 +201,18 @@ class PipelineConfig(Section):
         """The part of section `name` that its stage's fingerprint hashes: inactive keys left out."""
         inactive = {key.split(".", 1)[1] for key in self.inactive_keys() if key.startswith(name + ".")}
         return {k: v for k, v in getattr(self, name).fingerprint_dict().items() if k not in inactive}
+
+    def disappointing_settings(self) -> list[str]:
+        """Settings that run but will not do what their user expects: said once, before training."""
+        lines = []
+        t, packing = self.train, self.tokenize.packing
+        if t.method == "prompt_tuning" and self.task == "causal_lm" and packing != "none":
+            # PEFT puts the virtual tokens in front of each row the model is given: a packed block
+            # of several examples (or part of one), not each example as prompt tuning intends.
+            lines.append(f"train.method prompt_tuning with tokenize.packing {packing}: the soft prompt is placed once in front "
+                         f"of each {self.tokenize.block_size}-token block, which holds several examples or part of one, not "
+                         "in front of every example; set tokenize.packing=none to place it per example")
+        return lines
 
     def ignored_settings(self) -> list[str]:
         """One line per key the user set (in the YAML or with --set) that this run ignores."""

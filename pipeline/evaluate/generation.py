@@ -15,15 +15,25 @@ import torch
 from pipeline.train.methods.prompt_tuning import virtual_tokens
 
 
+def fit_prompt(ids: list[int], room: int) -> list[int]:
+    """A prompt cut to `room` tokens as tokenize's `prompt` truncation cuts one in training: its
+    first three quarters and last quarter kept, the middle dropped. A long article keeps its lead
+    (where news puts the facts) and its template's end ("TL;DR:"), which a left cut would lose."""
+    if len(ids) <= room:
+        return ids
+    tail = room // 4
+    return ids[: room - tail] + (ids[-tail:] if tail else [])
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
     # Keep room inside the position table for the answer, and for a soft prompt's virtual tokens;
     # an answer longer than the table allows is cut to fit (else an IndexError in the embedding).
     virtual = virtual_tokens(model)
     max_new_tokens = max(1, min(max_new_tokens, limit - virtual - 1))
-    ids = ids[:, -max(1, limit - max_new_tokens - virtual) :]
+    ids = torch.tensor([fit_prompt(ids, max(1, limit - max_new_tokens - virtual))])
     out = model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),

@@ -6,7 +6,7 @@ A summarizer tuned as a causal LM (prompt: the article in its template; response
 judged like a seq2seq one: greedy answers for up to `evaluate.rouge_rows` rows of the held-out split
 (test when it has rows, else validation), in batches of 8, left-padded so every answer starts right
 after its own prompt, and ROUGE-1, ROUGE-2 and ROUGE-L F1 averaged over the rows (metrics.rouge,
-equal to the rouge-score package's, tested).
+equal to the rouge-score package's, tested), with the same scores for two baselines (`baselines`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from pipeline.config import EvaluateConfig
 from pipeline.evaluate import metrics as M
-from pipeline.evaluate.generation import generate, sample_prompts
+from pipeline.evaluate.generation import fit_prompt, generate, sample_prompts
 from pipeline.train.methods.prompt_tuning import virtual_tokens
 
 BATCH = 8
@@ -39,9 +39,21 @@ def causal_rouge(cfg: EvaluateConfig, model, tokenizer, preprocess: Path) -> dic
     answers: list[str] = []
     for start in range(0, len(pairs), BATCH):
         answers += generate_batch(model, tokenizer, [p for p, _ in pairs[start : start + BATCH]], cfg.max_new_tokens)
-    scores = M.rouge([r for _, r in pairs], answers)
+    references = [r for _, r in pairs]
+    scores = M.rouge(references, answers)
     shown = [{"prompt": p, "reference": r, "answer": a} for (p, r), a in list(zip(pairs, answers))[:3]]
-    return {**scores, "rouge_examples": len(pairs), "rouge_split": split.stem, "rouge_samples": shown}
+    return {**scores, "rouge_examples": len(pairs), "rouge_split": split.stem, "rouge_samples": shown,
+            "rouge_baselines": baselines([p for p, _ in pairs], references)}
+
+
+def baselines(prompts: list[str], references: list[str]) -> dict[str, dict[str, float]]:
+    """What a summarizer must beat, scored like it. `another_rows_summary`: every row answered with
+    the next row's reference (trivial: on-topic words, wrong facts). `lead`: the prompt's first as
+    many words as the reference has (the classic news baseline, strong on CNN/DailyMail)."""
+    others = references[1:] + references[:1]
+    leads = [" ".join(p.split()[: len(r.split())]) for p, r in zip(prompts, references)]
+    return {"another_rows_summary": M.rouge(references, others) if len(references) > 1 else None,
+            "lead": M.rouge(references, leads)}
 
 
 @torch.no_grad()
@@ -53,7 +65,8 @@ def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int) ->
     config = model.config
     limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024)
     max_new_tokens = max(1, min(max_new_tokens, limit - 1))
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"][-(limit - max_new_tokens):] or [tokenizer.eos_token_id] for p in prompts]
+    encoded = [fit_prompt(tokenizer(p, add_special_tokens=False)["input_ids"], limit - max_new_tokens) or [tokenizer.eos_token_id]
+               for p in prompts]
     width = max(len(ids) for ids in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded])
