@@ -186,6 +186,17 @@ def _ensure_process_group(info: DistInfo) -> None:
         os.environ.setdefault(key, value)  # deepspeed.comm reads these even when the group exists
 
 
+def _skip_inference_only_ops() -> None:
+    """On CPU, DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce op when it starts
+    (deepspeed_shm_comm: 50-85 s of C++ on 2 cores, and again for every new virtualenv path, since
+    the build's include paths change). Only tensor-parallel inference (`inference_all_reduce`) uses
+    it; training's collectives go through torch.distributed (gloo). Marked incompatible, DeepSpeed
+    skips it as it does off Linux (deepspeed/comm/torch.py: build_shm_op)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def deepspeed_replica(model: torch.nn.Module, param_groups: list[dict], cfg: TrainConfig, info: DistInfo) -> DeepSpeedReplica:
     """Wrap `model` (unwrapped, not DDP; requires_grad already set) in a DeepSpeed engine.
 
@@ -193,6 +204,8 @@ def deepspeed_replica(model: torch.nn.Module, param_groups: list[dict], cfg: Tra
     """
     import deepspeed
 
+    if info.device.type == "cpu":
+        _skip_inference_only_ops()
     _ensure_process_group(info)
     ds_config = resolve_config(cfg.deepspeed_config, cfg, info.world_size, info.device.type)
     # Same optimizer as the DDP path (optim.build_optimizer): DeepSpeed shards and
