@@ -168,6 +168,11 @@ def test_truncation_keeps_pairs_whole(tmp_path):
     assert kept["right"][:2] == (3, 1)  # the 20-token prompt would leave no answer
     assert kept["prompt"][:2] == (3, 1) and kept["prompt"][2] == [3, 2, 3, 3, 9, 2]  # answers whole; the 14-token one dropped
     assert kept["left"][:2] == (4, 0)
+    # An answer of exactly block_size tokens with a prompt before it cannot fit either.
+    edge = pair(3, 12, 2)
+    flat = Ragged(np.concatenate([s[0] for s in edge]), np.concatenate([s[1] for s in edge]), offsets_of(np.array([len(s[0]) for s in edge])))
+    (tmp_path / "edge").mkdir()
+    assert write_pairs(tmp_path / "edge", flat, TokenizeConfig(block_size=12, truncation="prompt"))["dropped"] == 1
 
 
 def test_the_loader_puts_the_chosen_first_and_hands_each_row_its_reference(tmp_path):

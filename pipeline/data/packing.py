@@ -130,7 +130,7 @@ def _cut_prompts(examples: Ragged, max_length: int, too_long: np.ndarray, pos: n
     room left with its prompt's first three quarters and last quarter (the instruction before the
     article, the answer marker after it), cutting the middle; one whose learned part alone does
     not fit is dropped. The learned part is never cut: a summary cut short teaches stopping early."""
-    prompt = _prompt_lengths(examples, pos)
+    prompt = prompt_lengths(examples, pos)
     room = max_length - (examples.lengths - prompt)  # what is left for the prompt
     fits = ~too_long | (room >= 1)
     dropped = int((~fits).sum())
@@ -146,7 +146,7 @@ def _cut_prompts(examples: Ragged, max_length: int, too_long: np.ndarray, pos: n
     return Truncated(kept, int(too_long.sum()), dropped)
 
 
-def _prompt_lengths(examples: Ragged, pos: np.ndarray) -> np.ndarray:
+def prompt_lengths(examples: Ragged, pos: np.ndarray) -> np.ndarray:
     """Each example's tokens before its first learned label (all of them when none is learned)."""
     lengths = examples.lengths
     if not len(lengths):

@@ -20,7 +20,9 @@ from typing import Iterable
 import numpy as np
 
 from pipeline.config import TokenizeConfig
-from pipeline.data.packing import IGNORE_INDEX, Ragged, concatenate, interleave, offsets_of, select, truncate
+from pipeline.data.packing import (
+    IGNORE_INDEX, Ragged, concatenate, interleave, offsets_of, positions_within, prompt_lengths, select, truncate,
+)
 from pipeline.data.text_tokenizer import chat_examples, encode_flat
 
 ANSWERS = ("chosen", "rejected")
@@ -86,8 +88,8 @@ def write_pairs(folder: Path, sequences: Ragged, cfg: TokenizeConfig) -> dict:
     """Fit the pairs into block_size (keeping them whole) and write the `none` layout."""
     pairs = len(sequences) // 2
     lengths = sequences.lengths.reshape(pairs, 2)
-    learned = (sequences.labels != IGNORE_INDEX).astype(np.int64)
-    answers = (np.add.reduceat(learned, sequences.offsets[:-1]) if len(sequences) else np.zeros(0, np.int64)).reshape(pairs, 2)
+    # An answer runs from its first labelled token to the sequence's end, as packing._cut_prompts reads it.
+    answers = (sequences.lengths - prompt_lengths(sequences, positions_within(sequences.lengths))).reshape(pairs, 2)
     too_long = (lengths > cfg.block_size).any(axis=1)
     # A pair is dropped whole where its truncation would leave a sequence without its whole answer
     # (`prompt`: an answer longer than the block) or without any of it (`right`: a prompt that
@@ -95,7 +97,9 @@ def write_pairs(folder: Path, sequences: Ragged, cfg: TokenizeConfig) -> dict:
     if cfg.truncation == "drop":
         lost = too_long
     elif cfg.truncation == "prompt":
-        lost = (answers > cfg.block_size).any(axis=1)
+        # packing._cut_prompts keeps at least one prompt token: an answer of block_size tokens
+        # in a sequence that does not fit is dropped there too.
+        lost = ((answers >= cfg.block_size) & (lengths > cfg.block_size)).any(axis=1)
     elif cfg.truncation == "right":
         lost = (lengths - answers >= cfg.block_size).any(axis=1)
     else:
