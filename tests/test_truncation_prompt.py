@@ -73,3 +73,21 @@ def test_prompt_truncation_is_for_causal_lms_with_masked_prompts():
         build_config(None, ["task=classification", "tokenize.truncation=prompt"])
     with pytest.raises(ConfigError, match="needs tokenize.mask_prompt true"):
         build_config(None, ["tokenize.truncation=prompt", "tokenize.mask_prompt=false"])
+
+
+def test_a_soft_prompt_on_packed_blocks_is_warned_about_before_training(tmp_path):
+    """Prompt tuning puts its virtual tokens in front of each row the model sees: with concat or
+    bins packing that is a block of several examples, not each example. Said once, before any
+    stage runs; `packing: none` (one example per row) is quiet."""
+    from pipeline import stages
+    from pipeline.config import build_config
+
+    said: list[str] = []
+    for packing in ("concat", "bins", "none"):
+        cfg = build_config({"train": {"method": "prompt_tuning"}, "tokenize": {"packing": packing}}, [])
+        stages.preflight(cfg, {"train": "0" * 64}, str(tmp_path), log=said.append)
+    placement = [line for line in said if "is placed once" in line]
+    assert len(placement) == 2
+    assert all(line.startswith("warning: train.method prompt_tuning with tokenize.packing ") for line in placement)
+    assert all("set tokenize.packing=none" in line for line in placement)
+    assert build_config({"train": {"method": "lora"}}, []).disappointing_settings() == []
