@@ -309,7 +309,12 @@ def test_a_second_run_with_another_beta_reuses_the_reference(dpo_run):
 
 
 @pytest.mark.integration
-def test_one_batch_of_8_equals_8_accumulated_batches_of_1(dpo_run, tmp_path):
+def test_one_batch_of_8_equals_8_accumulated_batches_of_1_and_2_ranks_of_4(dpo_run, tmp_path):
+    """Accumulation and data parallelism change nothing: the loss is divided by the pairs of the
+    whole global step, and the reward sums are all-reduced (2 ranks through real torchrun, gloo)."""
+    import subprocess
+    import sys
+
     from pipeline.train import recipe
 
     results = dpo_run["results"]
@@ -322,7 +327,13 @@ def test_one_batch_of_8_equals_8_accumulated_batches_of_1(dpo_run, tmp_path):
                             "train.max_steps=3", "train.tensorboard=false", config=config)
         assert recipe.main([*args, "--reference", ref]) == 0
         runs[name] = read_jsonl(tmp_path / name / "out" / "train_log.jsonl")
-    for a, b in zip(runs["8x1"], runs["1x8"]):
-        for key in ("loss", "grad_norm", "rewards/margins"):
-            assert abs(a[key] - b[key]) < 1e-5, (key, a, b)
+    args = trainer_args(tok, tmp_path / "2x4", "train.micro_batch_size=4", "train.max_steps=3", "train.tensorboard=false", config=config)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pipeline.train",
+                    *args, "--reference", ref], check=True, capture_output=True, timeout=300)
+    runs["2x4"] = read_jsonl(tmp_path / "2x4" / "out" / "train_log.jsonl")
+    assert len(runs["8x1"]) == len(runs["1x8"]) == len(runs["2x4"]) == 3
+    for other in ("1x8", "2x4"):
+        for a, b in zip(runs["8x1"], runs[other]):
+            for key in ("loss", "grad_norm", "rewards/margins", "rewards/accuracies"):
+                assert abs(a[key] - b[key]) < 1e-5, (other, key, a, b)
     assert abs(runs["8x1"][0]["loss"] - LN2) < 1e-5
