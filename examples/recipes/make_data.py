@@ -7,7 +7,7 @@ Offline and deterministic: fixed seeds, lists (never sets) wherever order reache
 timestamps, so the same command writes the same bytes. The support rows come from the
 quickstart's generator (examples/make_support_data.py), called one intent at a time so labels
 and answers are right by construction. The docstrings are parsed from the running Python's
-standard library (as examples/docstring_corpus.py does), so wiki.jsonl and instructions.jsonl
+standard library (as examples/docstring_corpus.py does), so wiki.jsonl, instructions.jsonl and pretrain.jsonl
 repeat byte for byte only on the same Python minor version (the committed files: 3.11).
 
     articles.csv           article,highlights               summarisation, CNN/DailyMail layout
@@ -18,7 +18,8 @@ repeat byte for byte only on the same Python minor version (the committed files:
     intents.csv            text,label                       customer questions by intent
     pretrain.jsonl         {"text"}                         the recipes' base model's corpus: other
                                                             articles, each with a "TL;DR:" of its
-                                                            highlights, and support questions answered
+                                                            highlights, support questions answered,
+                                                            other packages' documentation
 """
 
 from __future__ import annotations
@@ -445,12 +446,34 @@ def support_instructions(rows: list[dict], rng: random.Random) -> list[dict]:
 
 # ---- writing ----
 
-def pretrain_texts(articles: list[tuple[str, str]], questions: list[dict], rng: random.Random) -> list[str]:
+PRETRAIN_PACKAGES = ("json", "collections", "os", "shutil", "subprocess", "socket", "threading", "random",
+                     "statistics", "string", "textwrap", "datetime", "calendar", "functools", "pprint", "csv",
+                     "sqlite3", "configparser", "gzip", "hashlib", "queue", "sched", "selectors", "tempfile")
+"""Documentation the base reads: never the packages of wiki.jsonl (docstring_corpus.PACKAGES)."""
+
+
+def other_documentation(limit: int = 1500) -> list[str]:
+    """Prose paragraphs of other standard-library docstrings, so the base knows technical English
+    before lm_full.yaml and adapter_docs.yaml adapt it to the packages of wiki.jsonl."""
+    assert not set(PRETRAIN_PACKAGES) & set(docstring_corpus.PACKAGES)
+    out, seen = [], set()
+    for package in PRETRAIN_PACKAGES:
+        for _, _, _, doc in documented_defs(package):
+            for paragraph in prose_paragraphs(doc):
+                if paragraph not in seen:
+                    seen.add(paragraph)
+                    out.append(paragraph)
+    return out[:limit]
+
+
+def pretrain_texts(articles: list[tuple[str, str]], questions: list[dict], documentation: list[str],
+                   rng: random.Random) -> list[str]:
     """The base model's corpus, as GPT-2's web text was for the tutorials: articles (never the ones
     in articles.csv) ending in "TL;DR:" and their highlights, as Reddit's posts taught GPT-2 to
-    summarise, and support questions with their answers. Shuffled."""
+    summarise, support questions with their answers, and documentation prose. Shuffled."""
     texts = [f"{article}\nTL;DR: {' '.join(highlights.splitlines())}" for article, highlights in articles]
     texts += [f"Question: {t['question']}\nAnswer: {t['answer']}" for t in questions]
+    texts += documentation
     rng.shuffle(texts)
     return texts
 
@@ -490,7 +513,8 @@ def main() -> None:
     instructions = support_half + docstring_instructions(750, rng["instructions"])
     rng["instructions"].shuffle(instructions)
     intents = [(t["question"], INTENT_LABELS[t["intent"]]) for t in tickets(1500, rng["support"], seen_questions)]
-    pretrain = pretrain_texts(article_rows(500, rng["pretrain"]), tickets(1000, rng["pretrain"], seen_questions), rng["pretrain"])
+    pretrain = pretrain_texts(article_rows(500, rng["pretrain"]), tickets(1000, rng["pretrain"], seen_questions),
+                              other_documentation(), rng["pretrain"])
 
     write_csv(args.out / "articles.csv", ["article", "highlights"], article_rows(1200, rng["articles"]))
     write_jsonl(args.out / "wiki.jsonl", [{"text": text} for text in wiki_rows(paragraphs_per_section=8)])
