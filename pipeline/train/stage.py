@@ -1,4 +1,4 @@
-"""The train stage: launch `pipeline.train.recipe` under torchrun and stream its log.
+"""The train stage: launch `pipeline.train.recipe` under torchrun (alone for one process) and stream its log.
 
 Training runs in its own processes so the orchestrator (Prefect or the CLI) never imports
 torch.distributed and a crashed rank cannot take the orchestrator down with it. Where it runs:
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipeline import artifacts
 from pipeline.cluster import slurm
-from pipeline.cluster.torchrun import rendezvous_id, torchrun_command
+from pipeline.cluster.torchrun import local_command, rendezvous_id, torchrun_command
 from pipeline.config import ModelConfig, SlurmConfig, TrainConfig
 from pipeline.train import job_output
 from pipeline.train.fingerprint import content_fingerprint  # noqa: F401 (the stage's; light for cache checks)
@@ -144,7 +144,7 @@ def run(model: ModelConfig, train: TrainConfig, slurm: SlurmConfig, *, inputs: d
     elif train.nnodes > 1:  # this node's share of a run started by hand on every node
         launch(torchrun_command(train, plan.worker_args(), rdzv_endpoint=train.rdzv_endpoint, rdzv_id=rendezvous_id(train, plan.fingerprint)))
     else:
-        launch(torchrun_command(train, plan.worker_args(output=str(out))))
+        launch(local_command(train, plan.worker_args(output=str(out))))
         return json.loads((out / "train_stats.json").read_text())
     return job_output.adopt(plan.job_output, out)
 
@@ -154,7 +154,7 @@ def _absolute(where: str) -> str:
 
 
 def launch(cmd: list[str]) -> None:
-    """torchrun on this machine, its output relayed, bound to this process's life."""
+    """torchrun (or one process) on this machine, its output relayed, bound to this process's life."""
     print("[train] " + " ".join(cmd), flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if sys.stdout.isatty():
@@ -173,8 +173,8 @@ def launch(cmd: list[str]) -> None:
 
 
 def _stop(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
-    """SIGTERM torchrun, which passes it to the ranks: they finish the step, checkpoint together
-    and exit (preemption.py), so the next run resumes. Keep relaying their output meanwhile (a
+    """SIGTERM torchrun, which passes it to the ranks (or the lone process): they finish the step,
+    checkpoint together and exit (preemption.py), so the next run resumes. Keep relaying their output meanwhile (a
     full pipe would block them); SIGKILL after `grace_s`."""
     proc.terminate()
     killer = threading.Timer(grace_s, proc.kill)
