@@ -103,10 +103,13 @@ def test_the_printed_script_is_accepted_by_sbatch_and_its_model_flows_back_into_
 
 
 def start_following(tmp_path, **extra) -> tuple[subprocess.Popen, str]:
-    """The CLI started in a session of its own, once its job is RUNNING: (process, job id)."""
+    """The CLI started in a session of its own, once its job is RUNNING: (process, job id). Its
+    Ctrl-C is a terminal's (SIGINT's default action), even when the suite itself was started in
+    the background, whose commands inherit SIGINT ignored (bash's `&`, nohup)."""
     workdir = tmp_path / "w"
     proc = subprocess.Popen(cli_command(*cli_args("stage", workdir, tmp_path / "r", "publish", **ON_SLURM, **extra)),
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     job_file = wait_for(lambda: list(workdir.glob("scratch/train/*/slurm_job.json")), 300, "the job id")[0]
     return proc, json.loads(job_file.read_text())["job_id"]
 

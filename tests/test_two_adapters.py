@@ -114,7 +114,7 @@ def test_each_adapter_changes_what_the_base_answers(recipe):
 
     catalog = recipe["result"].catalog
     assert catalog.names() == ["recipe-base@latest", "support", "docs"]
-    assert catalog.format_prompt("support", "Is it waterproof?") == "Question: Is it waterproof?\nAnswer: "
+    assert catalog.format_prompt("support", "Is it waterproof?") == "Question: Is it waterproof?\nAnswer:"
     assert catalog.format_prompt("docs", "The event loop") == catalog.format_prompt("recipe-base@latest", "The event loop") == "The event loop"
     ids = catalog.tokenizer("The event loop", return_tensors="pt", add_special_tokens=False)["input_ids"]
     last = {}
