@@ -196,7 +196,7 @@ def total(snapshot: dict) -> int:
 def run_two_steps(replica, cfg, info, snapshot) -> dict:
     """Train two steps through the Replica interface, as pipeline/train/recipe.py does (same accumulation
     context, same autocast); the second step's snapshots: the largest per phase, and the peak."""
-    from pipeline.train.recipe import autocast_context
+    from pipeline.train.precision import autocast_context
 
     by_phase: dict[str, dict] = {}
     for step in range(STEPS):

@@ -28,7 +28,7 @@ def test_causal_lm_scratch_is_a_gpt2_of_the_configured_size_and_a_function_of_th
     model = build_model(SMALL, "causal_lm", META, seed=3)
     assert type(model).__name__ == "GPT2LMHeadModel"
     c = model.config
-    assert (c.vocab_size, c.n_positions, c.n_layer, c.n_head, c.n_embd, c.pad_token_id, c.eos_token_id) == (97, 16, 1, 2, 16, 0, 0)
+    assert (c.vocab_size, c.n_positions, c.n_layer, c.n_head, c.n_embd, c.pad_token_id, c.eos_token_id) == (128, 16, 1, 2, 16, 0, 0)
     torch.manual_seed(123)  # whatever the global RNG holds, the seed decides
     assert same_weights(model, build_model(SMALL, "causal_lm", META, seed=3))
     assert not same_weights(model, build_model(SMALL, "causal_lm", META, seed=4))
@@ -93,12 +93,12 @@ def test_seq2seq_scratch_is_a_tiny_t5_that_starts_decoding_from_pad():
     model = build_model(cfg, "seq2seq", {**META, "pad_id": 3, "eos_id": 4}, seed=0).eval()
     assert type(model).__name__ == "T5ForConditionalGeneration"
     c = model.config
-    assert (c.vocab_size, c.d_model, c.d_kv, c.d_ff, c.num_layers, c.num_decoder_layers, c.num_heads) == (97, 32, 16, 128, 2, 2, 2)
+    assert (c.vocab_size, c.d_model, c.d_kv, c.d_ff, c.num_layers, c.num_decoder_layers, c.num_heads) == (128, 32, 16, 128, 2, 2, 2)
     assert (c.pad_token_id, c.eos_token_id, c.decoder_start_token_id) == (3, 4, 3)
     source = torch.tensor([[10, 11, 12, 4]])
     labels = torch.tensor([[20, 21, 4, -100]])  # padded targets: -100, which the model turns into pad when shifting
     out = model(input_ids=source, attention_mask=torch.ones_like(source), labels=labels)
-    assert out.logits.shape == (1, 4, 97) and torch.isfinite(out.loss)
+    assert out.logits.shape == (1, 4, 128) and torch.isfinite(out.loss)
     generated = model.generate(input_ids=source, max_new_tokens=3, do_sample=False)
     assert generated[0, 0].item() == 3
     assert same_weights(model, build_model(cfg, "seq2seq", {**META, "pad_id": 3, "eos_id": 4}, seed=0))
@@ -118,4 +118,56 @@ def test_count_parameters_counts_tied_weights_once():
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     assert count_parameters(model) == (total, total)
     model.transformer.wte.weight.requires_grad_(False)
-    assert count_parameters(model) == (total - 97 * 16, total)
+    assert count_parameters(model) == (total - 128 * 16, total)
+
+
+@pytest.mark.parametrize("task", ["causal_lm", "classification", "seq2seq"])
+def test_a_scratch_vocabulary_is_padded_to_whole_tiles_and_never_generated(task):
+    meta = LABELLED if task == "classification" else META
+    model = build_model(SMALL, task, meta, seed=0)
+    assert model.get_input_embeddings().num_embeddings == 128  # 97 rounded up to a multiple of 64
+    assert build_model(SMALL.model_copy(update={"vocab_multiple": 1}), task, meta, seed=0).get_input_embeddings().num_embeddings == 97
+    if task == "classification":
+        return
+    assert model.generation_config.suppress_tokens == list(range(97, 128))
+    # The padded ids are what an untrained head likes best here; generation still never picks them.
+    model.eval()
+    with torch.no_grad():
+        ids = torch.tensor([[1, 2, 3]])
+        kwargs = {"decoder_input_ids": torch.zeros(1, 1, dtype=torch.long)} if task == "seq2seq" else {}
+        head = model.get_output_embeddings().weight
+        best = model(input_ids=ids, **kwargs).logits[0, -1, :97].argmax()
+        head[97:] = head[best] * 50  # 50x the logit of today's favourite
+        assert model(input_ids=ids, **kwargs).logits[0, -1].argmax() >= 97
+        out = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert int(out.max()) < 97
+
+
+def test_a_saved_scratch_model_keeps_its_suppressed_ids(tmp_path):
+    build_model(SMALL, "causal_lm", META, seed=0).save_pretrained(tmp_path)
+    assert GPT2LMHeadModel.from_pretrained(tmp_path).generation_config.suppress_tokens == list(range(97, 128))
+
+
+def test_the_attention_kernel_is_sdpa_on_cpu_and_as_configured_otherwise():
+    from pipeline.train.modeling import attention_kernel
+
+    cpu = torch.device("cpu")
+    assert attention_kernel(ModelConfig(), cpu, "auto") == "sdpa"
+    assert attention_kernel(ModelConfig(), cpu, "bf16") == "sdpa"  # FlashAttention-2 is GPU-only
+    assert attention_kernel(ModelConfig(attn_implementation="eager"), cpu, "auto") == "eager"
+    model = build_model(SMALL, "causal_lm", META, seed=0, attention="eager")
+    assert model.config._attn_implementation == "eager"
+
+
+def test_flops_per_token_counts_every_matmul_weight_once_with_the_tied_head():
+    """GPT-2 small (124 M parameters): 6 N + 12 L T d with N every parameter but the position
+    embeddings, because the token embedding's weight is also the output head (a matmul); a lookup
+    table of positions is not one."""
+    from pipeline.train.observe import flops_per_token
+
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(GPT2Config(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024))
+    total, _ = count_parameters(model)
+    assert 124_000_000 < total < 125_000_000
+    n = total - model.transformer.wpe.weight.numel()
+    assert flops_per_token(model, 1024) == 6 * n + 12 * 12 * 1024 * 768

@@ -167,7 +167,7 @@ class PipelineConfig(Section):
                 out[f"preprocess.{field}"] = f"preprocess.template is {self.preprocess.template}"
         if m.init == "pretrained":
             out["tokenize.vocab_size"] = "model.init is pretrained (the model's own tokenizer is used)"
-            for field in ("n_layer", "n_head", "n_embd", "dropout"):
+            for field in ("n_layer", "n_head", "n_embd", "dropout", "vocab_multiple"):
                 out[f"model.{field}"] = "model.init is pretrained (the checkpoint sets the architecture)"
         else:
             out["model.name"] = "model.init is scratch (a fresh GPT-2 or T5 of model.n_layer x n_embd)"
@@ -181,6 +181,8 @@ class PipelineConfig(Section):
         for field, methods in _METHOD_FIELDS.items():
             if t.method not in methods:
                 out[f"train.{field}"] = f"train.method is {t.method}"
+        if self.task not in ("causal_lm", "preference"):
+            out["train.fused_loss"] = f"task is {self.task} (the fused loss is the causal LM head's)"
         if t.strategy != "deepspeed":
             out["train.deepspeed_config"] = f"train.strategy is {t.strategy}"
         if not t.validates:

@@ -29,6 +29,10 @@ class ModelConfig(Section):
     """Hidden size (scratch only)."""
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     """Dropout for residual, embedding and attention (scratch only)."""
+    vocab_multiple: int = Field(64, gt=0)
+    """Scratch only: the embedding and output head get the tokenizer's vocabulary rounded up to a multiple of this (GPU matmuls run on whole tiles; GPT-2's 50,257 -> 50,304). The extra ids are never targets and are suppressed in generation. 1 = no padding."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """Attention kernel. `auto`: FlashAttention-2 on a CUDA GPU in bf16/fp16 where the `flash_attn` package is installed (packed `bins` blocks then run as variable-length sequences, no padding), else PyTorch's SDPA (which masks the examples of a `bins` block from each other)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -94,6 +98,16 @@ class TrainConfig(Section):
     length, so batches pad less. Faster; on small data it can cost some validation loss (docs/benchmarks.md)."""
     gradient_checkpointing: bool = False
     """Recompute block activations in the backward pass: less memory, about a third more compute."""
+    compile: bool = False
+    """`torch.compile` the model (in place: same weights, same checkpoint names). The first step waits for the
+    compiler (about 45 s for a tiny GPT-2 on 2 CPU cores, seconds from its on-disk cache on a rerun), later steps
+    run faster (1.25x there). Works with DDP, LoRA, gradient checkpointing and exact resume; off by default until
+    measured on GPU (docs/benchmarks.md)."""
+    fused_loss: bool = True
+    """Causal LM and preference: compute the output head and the cross-entropy together, a chunk of positions at a
+    time (train/fused_loss.py), so the step never holds the [tokens x vocabulary] fp32 logits (GPT-2's head over a
+    16k-token step: 3.3 GB, and as much again for their gradient). The same loss to 1e-5. Not under ZeRO-3 or prompt
+    tuning, which then use the plain head."""
     fast_cpu_dropout: bool = False
     """Opt-in CPU-only speed-up: draw dropout masks 16 bits per element instead of with torch's
     bernoulli (25% of a small GPT-2's step on 2 cores) and run attention dropout in our own math

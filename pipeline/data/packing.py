@@ -230,3 +230,21 @@ def pack_bins(examples: Ragged, block_size: int, pad_id: int) -> tuple[np.ndarra
     labels.reshape(-1)[dest] = examples.labels
     positions.reshape(-1)[dest] = within
     return ids, labels, positions
+
+
+def split_stats(examples: int, tokens: int, label_tokens: int, rows: int, slots: int, truncated=0, dropped=0, basis="rows x block_size") -> dict:
+    """A split's tokenize statistics for meta.json (the same keys for every layout)."""
+    return {
+        "examples": examples,
+        "tokens": tokens,
+        "label_tokens": label_tokens,
+        "rows": rows,
+        "truncated": truncated,
+        "dropped": dropped,
+        # Real tokens over the slots the trainer feeds: rows x block_size for packed blocks.
+        # Unpacked examples are padded per batch, which is unknowable here, so they are measured
+        # against padding every example to block_size (`padding="max_length"`).
+        "slots": slots,
+        "utilisation": round(tokens / slots, 4) if slots else 0.0,
+        "utilisation_basis": basis,
+    }

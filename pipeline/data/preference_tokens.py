@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.config import TokenizeConfig
 from pipeline.data.packing import (
-    IGNORE_INDEX, Ragged, concatenate, interleave, offsets_of, positions_within, prompt_lengths, select, truncate,
+    IGNORE_INDEX, Ragged, concatenate, interleave, offsets_of, positions_within, prompt_lengths, select, split_stats, truncate,
 )
 from pipeline.data.text_tokenizer import chat_examples, encode_flat
 
@@ -111,9 +111,5 @@ def write_pairs(folder: Path, sequences: Ragged, cfg: TokenizeConfig) -> dict:
     np.save(folder / "labels.npy", cut.kept.labels)
     np.save(folder / "offsets.npy", cut.kept.offsets)
     n = len(cut.kept) // 2
-    return {
-        "examples": n, "tokens": len(cut.kept.ids), "label_tokens": int(np.count_nonzero(cut.kept.labels != IGNORE_INDEX)), "rows": n,
-        "truncated": int(too_long[~lost].sum()), "dropped": int(lost.sum()),
-        "slots": 2 * n * cfg.block_size, "utilisation": round(len(cut.kept.ids) / (2 * n * cfg.block_size), 4) if n else 0.0,
-        "utilisation_basis": "pairs x 2 x block_size",
-    }
+    return split_stats(n, len(cut.kept.ids), int(np.count_nonzero(cut.kept.labels != IGNORE_INDEX)), n, 2 * n * cfg.block_size,
+                       int(too_long[~lost].sum()), int(lost.sum()), "pairs x 2 x block_size")

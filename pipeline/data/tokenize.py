@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from pipeline.artifacts import sha256_file
 from pipeline.config import ModelConfig, RowSpec, TokenizeConfig
 from pipeline.data import preference_tokens
-from pipeline.data.packing import IGNORE_INDEX, Ragged, concatenate, interleave, offsets_of, pack_bins, pack_concat, select, truncate
+from pipeline.data.packing import IGNORE_INDEX, Ragged, concatenate, interleave, offsets_of, pack_bins, pack_concat, select, split_stats, truncate
 from pipeline.data.text_tokenizer import (
     build_tokenizer,
     chat_examples,
@@ -149,23 +149,6 @@ def label_names_of(source: Path) -> list[str]:
 # ---------------------------------------------------------------- writing, per layout
 
 
-def _stats(examples: int, tokens: int, label_tokens: int, rows: int, slots: int, truncated=0, dropped=0, basis="rows x block_size") -> dict:
-    return {
-        "examples": examples,
-        "tokens": tokens,
-        "label_tokens": label_tokens,
-        "rows": rows,
-        "truncated": truncated,
-        "dropped": dropped,
-        # Real tokens over the slots the trainer feeds: rows x block_size for packed blocks.
-        # Unpacked examples are padded per batch, which is unknowable here, so they are measured
-        # against padding every example to block_size (`padding="max_length"`).
-        "slots": slots,
-        "utilisation": round(tokens / slots, 4) if slots else 0.0,
-        "utilisation_basis": basis,
-    }
-
-
 def _learned(examples: Ragged) -> int:
     return int(np.count_nonzero(examples.labels != IGNORE_INDEX))
 
@@ -175,7 +158,7 @@ def write_causal(folder: Path, examples: Ragged, cfg: TokenizeConfig, pad_id: in
         ids, labels = pack_concat(examples, cfg.block_size, pad_id)
         np.save(folder / "input_ids.npy", ids)
         np.save(folder / "labels.npy", labels)
-        return _stats(len(examples), len(examples.ids), _learned(examples), len(ids), ids.size)
+        return split_stats(len(examples), len(examples.ids), _learned(examples), len(ids), ids.size)
     cut = truncate(examples, cfg.block_size, cfg.truncation)
     kept = cut.kept
     if cfg.packing == "bins":
@@ -183,12 +166,12 @@ def write_causal(folder: Path, examples: Ragged, cfg: TokenizeConfig, pad_id: in
         np.save(folder / "input_ids.npy", ids)
         np.save(folder / "labels.npy", labels)
         np.save(folder / "position_ids.npy", positions)
-        return _stats(len(kept), len(kept.ids), _learned(kept), len(ids), ids.size, cut.truncated, cut.dropped)
+        return split_stats(len(kept), len(kept.ids), _learned(kept), len(ids), ids.size, cut.truncated, cut.dropped)
     np.save(folder / "input_ids.npy", kept.ids)
     np.save(folder / "labels.npy", kept.labels)
     np.save(folder / "offsets.npy", kept.offsets)
     slots = len(kept) * cfg.block_size
-    return _stats(len(kept), len(kept.ids), _learned(kept), len(kept), slots, cut.truncated, cut.dropped, "examples x block_size")
+    return split_stats(len(kept), len(kept.ids), _learned(kept), len(kept), slots, cut.truncated, cut.dropped, "examples x block_size")
 
 
 def _room(cfg: TokenizeConfig, specials: tuple[list[int], list[int]]) -> int:
@@ -220,7 +203,7 @@ def write_classification(folder: Path, texts: Ragged, class_ids: np.ndarray, cfg
     np.save(folder / "offsets.npy", kept.offsets)
     np.save(folder / "class_ids.npy", class_ids.astype(np.int64))
     n = len(kept)  # label_tokens: one label per example
-    return _stats(n, len(kept.ids), n, n, n * cfg.block_size, *_cut_counts(too_long, cfg), "examples x block_size")
+    return split_stats(n, len(kept.ids), n, n, n * cfg.block_size, *_cut_counts(too_long, cfg), "examples x block_size")
 
 
 def write_seq2seq(
@@ -234,7 +217,7 @@ def write_seq2seq(
     np.save(folder / "target_offsets.npy", target.offsets)
     n, tokens = len(source), len(source.ids) + len(target.ids)
     # label_tokens: the target tokens, the ones a seq2seq loss is taken on.
-    return _stats(n, tokens, len(target.ids), n, 2 * n * cfg.block_size, *_cut_counts(too_long, cfg), "examples x 2 x block_size")
+    return split_stats(n, tokens, len(target.ids), n, 2 * n * cfg.block_size, *_cut_counts(too_long, cfg), "examples x 2 x block_size")
 
 
 # ---------------------------------------------------------------- the stage

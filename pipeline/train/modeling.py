@@ -38,21 +38,49 @@ AUTO_CLASSES = {
 """The transformers Auto class that loads a saved model of each task."""
 
 
-def build_model(cfg: ModelConfig, task: str, meta: dict, seed: int, load_kwargs: dict | None = None) -> PreTrainedModel:
+def build_model(cfg: ModelConfig, task: str, meta: dict, seed: int, load_kwargs: dict | None = None,
+                attention: str | None = None) -> PreTrainedModel:
     """`scratch`: the table's architecture at the configured size; `pretrained`: `cfg.name` (hub id or
     folder), loaded with `load_kwargs` (e.g. a quantization_config). `meta` is the tokenize output's
     meta.json: vocab_size, block_size, eos_id, pad_id (and label_names for classification).
+    `attention`: the attention kernel (`attention_kernel`); None: transformers' default.
     Initial weights (and a pretrained model's new head) are a function of `seed` alone."""
     if task not in AUTO_CLASSES:
         raise ValueError(f"unknown task {task!r}; expected one of {sorted(AUTO_CLASSES)}")
     torch.manual_seed(seed)
+    kernel = {"attn_implementation": attention} if attention else {}
     if cfg.init == "pretrained":
-        return _pretrained(model_source(cfg), task, meta, load_kwargs or {})
+        return _pretrained(model_source(cfg), task, meta, {**kernel, **(load_kwargs or {})})
     if task == "seq2seq":
-        return T5ForConditionalGeneration(_t5_config(cfg, meta))
-    if task == "classification":
-        return GPT2ForSequenceClassification(_gpt2_config(cfg, meta, **_label_maps(meta)))
-    return GPT2LMHeadModel(_gpt2_config(cfg, meta))
+        model = T5ForConditionalGeneration(_t5_config(cfg, meta, **kernel))
+    elif task == "classification":
+        model = GPT2ForSequenceClassification(_gpt2_config(cfg, meta, **kernel, **_label_maps(meta)))
+    else:
+        model = GPT2LMHeadModel(_gpt2_config(cfg, meta, **kernel))
+    if model.can_generate():
+        # The ids past the tokenizer's vocabulary exist only to round the head up: never generate them.
+        padding = list(range(meta["vocab_size"], model.config.vocab_size))
+        model.generation_config.suppress_tokens = padding or None
+    return model
+
+
+def padded_vocab(vocab_size: int, multiple: int) -> int:
+    """`vocab_size` rounded up to a multiple of `multiple`: matmuls over the vocabulary then run on whole GPU tiles."""
+    return -(-vocab_size // multiple) * multiple
+
+
+def attention_kernel(cfg: ModelConfig, device: torch.device, precision: str) -> str:
+    """`model.attn_implementation`, with `auto` resolved for this device and precision."""
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    import importlib.util
+
+    # FlashAttention-2 runs only in half precision on a GPU; packed `bins` blocks then attend as
+    # variable-length sequences (transformers derives their boundaries from the restarting position_ids).
+    half = precision in ("bf16", "fp16") or (precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type == "cuda" and half and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
 
 
 def _label_maps(meta: dict) -> dict:
@@ -65,7 +93,7 @@ def _label_maps(meta: dict) -> dict:
 
 def _gpt2_config(cfg: ModelConfig, meta: dict, **extra) -> GPT2Config:
     return GPT2Config(
-        vocab_size=meta["vocab_size"],
+        vocab_size=padded_vocab(meta["vocab_size"], cfg.vocab_multiple),
         n_positions=meta["block_size"],
         n_embd=cfg.n_embd,
         n_layer=cfg.n_layer,
@@ -81,9 +109,9 @@ def _gpt2_config(cfg: ModelConfig, meta: dict, **extra) -> GPT2Config:
     )
 
 
-def _t5_config(cfg: ModelConfig, meta: dict) -> T5Config:
+def _t5_config(cfg: ModelConfig, meta: dict, **extra) -> T5Config:
     return T5Config(
-        vocab_size=meta["vocab_size"],
+        vocab_size=padded_vocab(meta["vocab_size"], cfg.vocab_multiple),
         d_model=cfg.n_embd,
         d_kv=cfg.n_embd // cfg.n_head,
         d_ff=4 * cfg.n_embd,
@@ -95,6 +123,7 @@ def _t5_config(cfg: ModelConfig, meta: dict) -> T5Config:
         # As in T5: the decoder starts from pad. The model shifts labels right itself and turns
         # their -100 into pad, so targets need no start token of their own.
         decoder_start_token_id=meta["pad_id"],
+        **extra,
     )
 
 

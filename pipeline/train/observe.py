@@ -2,7 +2,8 @@
 with ETA (rank 0, on a terminal), log lines, and a one-screen summary table.
 
 MFU (model FLOPs utilisation, GPU only) follows the PaLM paper's appendix B:
-    flops per token = 6 N + 12 L T d     (N non-embedding parameters, L layers, T sequence length, d width)
+    flops per token = 6 N + 12 L T d     (N parameters in matmuls: all but the input embeddings, with the
+                                          output head even when tied to them; L layers, T sequence length, d width)
     MFU = flops per token x tokens/s / peak dense bf16 FLOP/s of the device
 The 6N term is forward + backward through the weights; 12 L T d is the attention scores and
 values, which 6N leaves out. Trainable-only methods (LoRA, ...) still pay the full forward and
@@ -38,7 +39,12 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0) or 0
     embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    return 6 * (params - embedding) + 12 * layers * seq_len * width
+    # An embedding lookup is no matmul, but an output head is one even when it shares the token
+    # embedding's weight (GPT-2): count it, as nanoGPT and llm.c do (a third of GPT-2 small's FLOPs).
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    tied = weight is not None and any(isinstance(m, torch.nn.Embedding) and m.weight is weight for m in model.modules())
+    return 6 * (params - embedding + (weight.numel() if tied else 0)) + 12 * layers * seq_len * width
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -98,7 +104,13 @@ class Monitor:
         )
         self.log(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
 
+    def advance(self) -> None:
+        """One more step trained (its numbers come later, with `step`)."""
+        if self.is_main and self.bar is not None:
+            self.bar.update(1)
+
     def step(self, done: int, loss: float, lr: float, grad_norm: float, real_tokens: int) -> None:
+        """Step `done`'s numbers, read from the device every log_every_steps (step.settle)."""
         now = time.perf_counter()
         self.window_tokens += real_tokens
         rate = self.window_tokens / (now - self.window_start)
@@ -109,7 +121,6 @@ class Monitor:
                 if value is not None:
                     self.writer.add_scalar(f"train/{name}", value, done)
         if self.is_main and self.bar is not None:
-            self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         if done % self.cfg.log_every_steps == 0 or done == self.cfg.max_steps:
             eta = (self.cfg.max_steps - done) * (now - self.t0) / max(1, done - self.start_step)

@@ -24,39 +24,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
 import time
 import traceback
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from pipeline.config import PipelineConfig, TrainConfig, load_config
-from pipeline.data.loader import held_out_batches, micro_batch_ids, open_split, sample_ids
+from pipeline.data.loader import open_split
 from pipeline.train import cpu_dropout, objectives
 from pipeline.train.checkpoint import checkpoint_world_size, load_checkpoint
 from pipeline.train.checkpoint_stores import open_checkpoints
 from pipeline.train.job_output import JobOutput, local_input
-from pipeline.train.methods import Method, method_for, save_trained, unwrap
-from pipeline.train.modeling import build_model, count_parameters
+from pipeline.train.methods import method_for, save_trained, unwrap
+from pipeline.train.modeling import attention_kernel, build_model, count_parameters
 from pipeline.train.host import keep_freed_memory_for_reuse
 from pipeline.train.observe import Monitor, flops_per_token, peak_flops, peak_memory_bytes
-from pipeline.train.parallel.dist import DistInfo, all_gather_floats, all_reduce_sum, barrier, cleanup, init_distributed
+from pipeline.train.parallel.dist import DistInfo, all_gather_floats, barrier, cleanup, init_distributed
 from pipeline.train.parallel.optim import lr_multiplier
-from pipeline.train.parallel.replica import Replica, wrap_model
+from pipeline.train.parallel.replica import wrap_model
 from pipeline.train.preemption import STOPPED_EXIT_CODE, StopRequests, announce_stop
 from pipeline.train.state import TrainState
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
+from pipeline.train.step import NonFiniteLoss, Run, StepResult, settle, train_step, validate  # noqa: F401 (NonFiniteLoss: the trainer's error)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -72,57 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def autocast_context(cfg: TrainConfig, device: torch.device):
-    if cfg.strategy == "deepspeed":
-        return nullcontext()  # the engine runs the module in bf16/fp16 itself (deepspeed_configs/)
-    if device.type == "cuda" and cfg.precision in ("auto", "bf16") and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if device.type == "cuda" and cfg.precision == "fp16":
-        return torch.autocast("cuda", dtype=torch.float16)
-    if device.type == "cpu" and cfg.precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    # Dropout noise is a pure function of (seed, step, rank): a resumed run draws exactly what
-    # the uninterrupted run drew, even if some RNG consumer outside this loop changes.
-    return (seed * 1_000_003 + step * 10_007 + rank) % (2**63)
-
-
 # ---------------------------------------------------------------- setup
-
-
-@dataclass
-class Run:
-    """Everything the loop needs, built once by `setup`."""
-
-    cfg: PipelineConfig
-    info: DistInfo
-    task: str
-    method: Method
-    model_meta: dict
-    train_rows: object
-    validation_rows: object | None
-    replica: Replica
-    only_targets: objectives.TargetPositionsOnly | None
-    trainable: int
-    total: int
-    flops_token: float
-    lengths: bytes | None
-    """Row lengths as int64 bytes when batches group by length: the data order's cache key, made once."""
-    schedule: Callable[[int], float]
-    """Step -> learning-rate multiplier (warmup, then cosine)."""
-
-    @property
-    def model_task(self) -> str:
-        """What the model is: preference tuning trains a causal LM."""
-        return "causal_lm" if self.task == "preference" else self.task
-
-    @property
-    def global_batch(self) -> int:
-        t = self.cfg.train
-        return t.micro_batch_size * t.grad_accum_steps * self.info.world_size
 
 
 def setup(cfg: PipelineConfig, tokenized: Path, info: DistInfo, reference: Path | None = None) -> Run:
@@ -145,7 +88,8 @@ def setup(cfg: PipelineConfig, tokenized: Path, info: DistInfo, reference: Path 
     # A soft prompt occupies positions too: a scratch model gets room for it in front of the block.
     model_meta = dict(meta, block_size=meta["block_size"] + method.extra_positions(tcfg))
 
-    model = build_model(cfg.model, model_task, model_meta, tcfg.seed, method.load_kwargs(tcfg))
+    attention = attention_kernel(cfg.model, info.device, tcfg.precision)
+    model = build_model(cfg.model, model_task, model_meta, tcfg.seed, method.load_kwargs(tcfg), attention)
     positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     if model_task == "causal_lm" and positions and positions < model_meta["block_size"]:
         # Else an IndexError deep inside the embedding lookup at the first step.
@@ -174,13 +118,30 @@ def setup(cfg: PipelineConfig, tokenized: Path, info: DistInfo, reference: Path 
     # Causal LM: the output head runs only where a target follows (not on prompts and padding);
     # not where a method puts positions of its own in front.
     head = unwrap(model).get_output_embeddings() if model_task == "causal_lm" and not method.extra_positions(tcfg) else None
-    only_targets = objectives.TargetPositionsOnly(head) if head is not None else None
+    only_targets = objectives.TargetPositionsOnly(head, fused=fused_loss_applies(tcfg, info)) if head is not None else None
+    if tcfg.compile:
+        # In place (nn.Module.compile): the module, its parameter names and its hooks stay as they
+        # are, so the optimizer, checkpoints, DDP and the head hook above see the same model.
+        model.compile()
     replica = wrap_model(model, method.parameter_groups(model, tcfg), tcfg, info)
     # Rows padded per batch can be grouped by length (less padding; a bias in the batches).
     lengths = getattr(train_rows, "lengths", None) if tcfg.group_by_length else None
     lengths = None if lengths is None else np.ascontiguousarray(lengths, dtype=np.int64).tobytes()
     return Run(cfg, info, task, method, model_meta, train_rows, validation_rows, replica, only_targets,
                trainable, total, flops_token, lengths, lr_multiplier(tcfg))
+
+
+def fused_loss_applies(tcfg: TrainConfig, info: DistInfo) -> bool:
+    """`train.fused_loss`, unless ZeRO-3 shards the head's weight: the fused loss reads it outside the
+    model's forward, where ZeRO-3 holds only this rank's shard."""
+    if not tcfg.fused_loss:
+        return False
+    if tcfg.strategy == "deepspeed":
+        from pipeline.train.parallel.zero_config import resolve_config
+
+        stage = resolve_config(tcfg.deepspeed_config, tcfg, info.world_size, info.device.type)["zero_optimization"]["stage"]
+        return stage < 3
+    return True
 
 
 def resume(run: Run, checkpoints) -> TrainState:
@@ -195,96 +156,6 @@ def resume(run: Run, checkpoints) -> TrainState:
     if run.info.is_main:
         print(f"resuming from {folder} (step {state.step}, sample {state.samples_seen}{changed})", flush=True)
     return state
-
-
-# ---------------------------------------------------------------- one step
-
-
-@dataclass
-class StepResult:
-    loss: float
-    grad_norm: float
-    lr: float
-    real_tokens: int
-    """Tokens of the global batch that are not padding (throughput counts these)."""
-    samples: list[int]
-    """Global sample indices this rank trained on."""
-    extras: dict[str, float]
-    """Task metrics of the step for the log (preference: rewards/chosen, rejected, margins, accuracies)."""
-
-
-def train_step(run: Run, state: TrainState, checkpoints) -> StepResult:
-    """One optimizer step on the next global batch of the stream; the caller advances `state`."""
-    tcfg, info, task, rows, replica = run.cfg.train, run.info, run.task, run.train_rows, run.replica
-    torch.manual_seed(step_seed(tcfg.seed, state.step, info.rank))
-    micro_batches, local_real, local_targets, my_samples = [], 0, 0, []
-    for m in range(tcfg.grad_accum_steps):
-        start, count = micro_batch_ids(state.samples_seen, m, tcfg.micro_batch_size, info.rank, info.world_size)
-        ids = sample_ids(start, count, len(rows), tcfg.seed, run.lengths)
-        batch = rows.batch(ids)
-        micro_batches.append(batch)
-        local_real += rows.real_tokens(ids)
-        local_targets += objectives.target_count(batch["labels"], task)
-        my_samples.extend(range(start, start + count))
-    # Normalise by the targets of the whole global step, so every token (or example) weighs the
-    # same whatever the accumulation, world size or prompt masking. float64: counts stay exact.
-    counts = all_reduce_sum(torch.tensor([local_targets, local_real], dtype=torch.float64), info)
-    global_targets, global_real = counts[0].item(), int(counts[1].item())
-    scale = info.world_size / max(1.0, global_targets)  # data parallelism averages gradients over ranks
-
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    reward_sums = torch.zeros(3, dtype=torch.float64)
-    for m, batch in enumerate(micro_batches):
-        last = m == len(micro_batches) - 1
-        reference = batch.pop("reference_logps", None)
-        inputs, labels = objectives.model_inputs({k: v.to(info.device) for k, v in batch.items()}, task)
-        with replica.micro_step(last):
-            selecting = run.only_targets.selecting(labels) if run.only_targets else nullcontext()
-            with autocast_context(tcfg, info.device), selecting:
-                target_loss, sums = objectives.batch_loss(replica.forward(**inputs).logits, labels, task, reference, tcfg.dpo_beta)
-            replica.backward(target_loss * scale, last)
-        reward_sums += 0 if sums is None else sums
-        loss_sum += target_loss.detach().double().cpu()
-    loss = all_reduce_sum(loss_sum, info).item() / max(1.0, global_targets)
-    extras = objectives.reward_metrics(all_reduce_sum(reward_sums, info), global_targets) if task == "preference" else {}
-    newest = lambda: f"Newest complete checkpoint: {checkpoints.newest()} (untouched)."  # noqa: E731
-    if not math.isfinite(loss):
-        raise NonFiniteLoss(f"step {state.step + 1}: loss is {loss}; stopped before the optimizer step. {newest()} "
-                            "Lower train.lr, raise train.warmup_steps or use fp32/bf16 instead of fp16.")
-    multiplier = run.schedule(state.step)
-    grad_norm = replica.step(multiplier)
-    if not math.isfinite(grad_norm) and not replica.handles_overflow:
-        raise NonFiniteLoss(f"step {state.step + 1}: gradient norm is {grad_norm}; stopped before saving. {newest()} "
-                            "Lower train.lr or train.max_grad_norm.")
-    return StepResult(loss, grad_norm, tcfg.lr * multiplier, global_real, my_samples, extras)
-
-
-@torch.no_grad()
-def validate(run: Run) -> dict[str, float]:
-    """Mean loss (and accuracy) over up to `eval_batches` validation batches (data.loader.held_out_batches).
-
-    Every rank scores the same batches: no collective is needed for DDP, and ZeRO-3, whose
-    forward gathers parameters from all ranks, gets the same number of forwards on each."""
-    tcfg, device, task, rows = run.cfg.train, run.info.device, run.task, run.validation_rows
-    run.replica.module.eval()
-    loss, targets, correct, reward_sums = 0.0, 0, 0, torch.zeros(3, dtype=torch.float64)
-    for ids in held_out_batches(len(rows), tcfg.micro_batch_size, tcfg.eval_batches):
-        batch = rows.batch(ids)
-        reference = batch.pop("reference_logps", None)
-        inputs, labels = objectives.model_inputs({k: v.to(device) for k, v in batch.items()}, task)
-        with autocast_context(tcfg, device):
-            logits = run.replica.forward(**inputs).logits
-        batch_loss, sums = objectives.batch_loss(logits, labels, task, reference, tcfg.dpo_beta)
-        loss, reward_sums = loss + batch_loss.item(), reward_sums + (0 if sums is None else sums)
-        targets += objectives.target_count(labels, task)
-        correct += objectives.correct_count(logits, labels, task) or 0
-    run.replica.module.train()
-    metrics = {"eval_loss": loss / max(1, targets)}
-    if task == "preference":
-        metrics.update({f"eval_{k}": v for k, v in objectives.reward_metrics(reward_sums, targets).items()})
-    if task == "classification":
-        metrics["accuracy"] = correct / max(1, targets)
-    return metrics
 
 
 # ---------------------------------------------------------------- the end
@@ -367,23 +238,35 @@ def train(args: argparse.Namespace, cfg: PipelineConfig, info: DistInfo, checkpo
     sample_log = open_sample_log(output, info.rank) if args.log_samples else None
 
     t0 = time.perf_counter()
+    pending: list[tuple[int, StepResult]] = []  # trained steps whose loss is still on the device
+
+    def read_pending() -> None:
+        tokens_of = [result.real_tokens for _, result in pending]
+        for row, real in zip(settle(run, pending, checkpoints), tokens_of):
+            state.history.append(row)
+            monitor.step(row["step"], row["loss"], row["lr"], row["grad_norm"], real)
+
     while state.step < tcfg.max_steps and state.stopped_at is None:
         result = train_step(run, state, checkpoints)
         state.step, state.samples_seen = state.step + 1, state.samples_seen + run.global_batch
-        state.history.append({"step": state.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm, **result.extras})
+        pending.append((state.step, result))
         tokens += result.real_tokens
-        monitor.step(state.step, result.loss, result.lr, result.grad_norm, result.real_tokens)
+        monitor.advance()
         if sample_log:
             sample_log.write(json.dumps({"step": state.step, "rank": info.rank, "samples": result.samples}) + "\n")
             sample_log.flush()
         last = state.step == tcfg.max_steps
+        if state.step % tcfg.log_every_steps == 0 or last:
+            read_pending()
         if run.validation_rows is not None and (state.step % tcfg.eval_every_steps == 0 or last):
+            read_pending()  # the log rows (and any non-finite loss) come before the validation's
             metrics = validate(run)
             monitor.validation(state.step, metrics)
             if state.record_validation(metrics, tcfg.early_stopping_metric, tcfg.early_stopping_patience):
                 monitor.early_stop(state)
         stopping = not last and stop.agreed(info)
         if state.step % tcfg.save_every_steps == 0 or last or state.stopped_at or stopping:
+            read_pending()  # a checkpoint holds the history, and never follows a non-finite step
             checkpoints.save(state.step, state.to_dict(), run.replica, info, tcfg.keep_last_checkpoints)
         if stopping:
             announce_stop(info, state.step, stop)

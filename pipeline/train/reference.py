@@ -24,7 +24,7 @@ import numpy as np
 
 from pipeline.config import ModelConfig
 from pipeline.config.pipeline import ReferenceSpec
-from pipeline.data.loader import REFERENCE_LOGPS, held_out_batches, open_split
+from pipeline.data.loader import REFERENCE_LOGPS, open_split
 from pipeline.train.fingerprint import library_versions, registry_base_content
 
 SPLITS = ("train", "validation", "test")
@@ -40,7 +40,8 @@ def run(model: ModelConfig, spec: ReferenceSpec, *, inputs: dict[str, Path], out
     import torch
 
     from pipeline.train.modeling import build_model
-    from pipeline.train.objectives import sequence_logps
+    from pipeline.train.objectives import sequence_logps, split_batch
+    from pipeline.train.precision import autocast_for
 
     tokenized = Path(inputs["tokenize"])
     meta = json.loads((tokenized / "meta.json").read_text())
@@ -50,17 +51,16 @@ def run(model: ModelConfig, spec: ReferenceSpec, *, inputs: dict[str, Path], out
     # The model train starts from: same weights (a scratch one from the same seed and positions).
     net = build_model(model, "causal_lm", dict(meta, block_size=meta["block_size"] + spec.extra_positions), spec.seed or 0)
     net = net.to(device).eval()
-    bf16 = device.type == "cuda" and spec.precision in ("auto", "bf16") and torch.cuda.is_bf16_supported()
     started, stats = time.perf_counter(), {}
     for split in SPLITS:
         pairs = open_split(tokenized / split)
         logps = np.zeros((len(pairs), 2), np.float64)
-        for ids in held_out_batches(len(pairs), PAIRS_PER_BATCH, max_batches=max(1, len(pairs))):
-            batch = pairs.batch(ids)
-            labels = batch.pop("labels").to(device)
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-                logits = net(input_ids=batch["input_ids"].to(device), use_cache=False).logits
-            row = sequence_logps(logits, labels).double().cpu().numpy()
+        for first in range(0, len(pairs), PAIRS_PER_BATCH):
+            ids = list(range(first, min(first + PAIRS_PER_BATCH, len(pairs))))
+            batch = split_batch(pairs.batch(ids), "preference", device)
+            with torch.no_grad(), autocast_for(spec.precision, device):  # the policy's own precision
+                logits = net(**batch.inputs).logits
+            row = sequence_logps(logits, batch.labels, batch.targets).double().cpu().numpy()
             logps[ids] = row.reshape(2, -1).T  # rows are the batch's chosen, then its rejected
         (out / split).mkdir()
         np.save(out / split / REFERENCE_LOGPS, logps)

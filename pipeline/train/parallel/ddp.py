@@ -34,6 +34,7 @@ class DDPReplica:
         # the steps whose gradients overflowed (GradScaler's dynamic loss scaling).
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         self.handles_overflow = self.scaler is not None
+        self.skips_on_device = True
 
     def forward(self, **batch):
         return self.wrapped(**batch)
@@ -49,21 +50,29 @@ class DDPReplica:
     def backward(self, loss: torch.Tensor, last_micro_step: bool) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def step(self, lr_multiplier: float) -> float:
+    def step(self, lr_multiplier: float, loss: torch.Tensor | None = None) -> torch.Tensor:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.max_grad_norm)
         set_lr(self.optimizer, lr_multiplier)
         if self.scaler:
-            self.scaler.step(self.optimizer)
+            self.scaler.step(self.optimizer)  # skips overflowed steps itself (and waits for the GPU to know)
             self.scaler.update()
         else:
-            self.optimizer.step()
+            # The fused AdamW leaves weights, moments and its step count untouched where found_inf
+            # is nonzero, decided on the device: a NaN step changes nothing and the host never
+            # waits to find out (the trainer reports it at the next log line and stops unsaved).
+            bad = ~torch.isfinite(grad_norm if loss is None else grad_norm + loss.to(grad_norm.device))
+            self.optimizer.found_inf = bad.to(torch.float32)
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
         # Under DDP, zero the grads in place: they stay views into the all-reduce buckets. Freed
         # (None) grads would be allocated afresh beside the buckets on every no_sync micro-step,
         # 4 more bytes per parameter at the peak (bench/zero_memory.py measures it).
         self.optimizer.zero_grad(set_to_none=self.wrapped is self.module)
-        return float(grad_norm)
+        return grad_norm
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         # Frozen weights come back from the base model; saving them would make a LoRA

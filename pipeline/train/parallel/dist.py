@@ -69,7 +69,9 @@ def init_distributed() -> DistInfo:
             "lower train.nproc_per_node"
         )
     # Long timeout: the first collective waits for every rank to finish loading the model.
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+    # On GPUs, host tensors (a step's target counts, the stop vote) go over gloo beside NCCL: an
+    # all-reduce of them then never waits for the GPU's queued work, as a NCCL one would.
+    dist.init_process_group(backend="cpu:gloo,cuda:nccl" if backend == "nccl" else backend, timeout=timedelta(minutes=30))
     return DistInfo(rank, local_rank, world_size, backend, device)
 
 

@@ -23,6 +23,9 @@ class Replica(Protocol):
     """The model itself (unwrapped): for eval mode and for saving."""
     handles_overflow: bool
     """fp16 loss scaling skips a step whose gradients overflowed: its non-finite grad norm is no error."""
+    skips_on_device: bool
+    """`step` skips the update itself, on the device, when the loss or gradient norm is not finite, and
+    returns the norm as a device tensor: the trainer reads both later, without waiting for the GPU."""
 
     def forward(self, **batch: Any) -> Any: ...
 
@@ -31,8 +34,9 @@ class Replica(Protocol):
 
     def backward(self, loss: torch.Tensor, last_micro_step: bool) -> None: ...
 
-    def step(self, lr_multiplier: float) -> float:
-        """Clip, set each group's lr to initial_lr x multiplier, update, zero grads; the pre-clip grad norm."""
+    def step(self, lr_multiplier: float, loss: torch.Tensor | None = None) -> "float | torch.Tensor":
+        """Clip, set each group's lr to initial_lr x multiplier, update, zero grads; the pre-clip grad norm.
+        `loss` is the step's global mean loss (a device tensor)."""
 
     def save(self, folder: Path) -> None:
         """Collective: this rank's part of model and optimizer state into `folder`."""

@@ -42,6 +42,7 @@ class DeepSpeedReplica:
         self.grad_accum_steps = grad_accum_steps
         # fp16: the dynamic loss scaler skips a step whose gradients overflowed (step() returns inf).
         self.handles_overflow = engine.fp16_enabled()
+        self.skips_on_device = False  # the engine reads its gradient norm on the host at every step
 
     def micro_step(self, last: bool):
         return nullcontext()  # DeepSpeed tracks accumulation boundaries itself (see backward)
@@ -68,7 +69,7 @@ class DeepSpeedReplica:
             # advances that counter (no reduction of ZeRO-1 grads, no update).
             self.engine.step()
 
-    def step(self, lr_multiplier: float) -> float:
+    def step(self, lr_multiplier: float, loss=None) -> float:
         if not self.engine.is_gradient_accumulation_boundary():
             raise RuntimeError("step() before the last micro-step's backward: DeepSpeed would not update")
         set_lr(self.engine.optimizer, lr_multiplier)
