@@ -59,6 +59,11 @@ def test_an_inactive_key_leaves_the_fingerprint_alone(stage, raw, key_value):
         ("ingest", {"preprocess": {"template": "text"}}, "data.text_column=body"),
         ("preprocess", {"preprocess": {"template": "instruction"}}, "preprocess.instruction_template=Do {instruction}"),
         ("train", {}, "train.fast_cpu_dropout=true"),  # changes the weights on CPU
+        # Each moves the last bits of the weights (kernels fuse and reorder float arithmetic), or more.
+        ("train", {}, "train.compile=true"),
+        ("train", {}, "train.fused_loss=false"),
+        ("train", {}, "model.vocab_multiple=1"),
+        ("train", {}, "model.attn_implementation=eager"),
     ],
 )
 def test_the_same_key_counts_where_it_is_read(stage, raw, key_value):
@@ -111,3 +116,10 @@ def test_row_spec_of_a_classifier_ignores_the_causal_template():
 
 def test_all_examples_are_found():
     assert Path(REPO / "examples" / "quickstart.yaml") in sorted((REPO / "examples").rglob("*.yaml"))
+
+
+def test_the_fused_loss_is_inactive_where_no_causal_head_uses_it():
+    assert "train.fused_loss" in build_config({"task": "classification"}).inactive_keys()
+    assert "train.fused_loss" in build_config({"train": {"method": "prompt_tuning"}}).inactive_keys()
+    assert "train.fused_loss" not in build_config({"train": {"method": "lora"}}).inactive_keys()
+    assert "model.vocab_multiple" in build_config({"model": {"init": "pretrained", "name": "x"}}).inactive_keys()

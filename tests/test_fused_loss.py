@@ -225,3 +225,18 @@ def test_no_tensor_of_all_the_logits_is_made_or_saved_for_backward():
         )
         assert made <= chunk * v, reduction
         assert saved <= max(n, v) * d, reduction
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_no_ignore_index_skips_the_mask_and_changes_nothing_when_every_target_is_real(reduction):
+    torch.manual_seed(7)
+    hidden, weight = torch.randn(33, 8, requires_grad=True), torch.randn(50, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (33,))
+    grads = []
+    for ignore in (-100, None):
+        loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=7, reduction=reduction, ignore_index=ignore)
+        (loss * torch.arange(1.0, 34.0)).sum().backward() if reduction == "none" else loss.backward()
+        grads.append((loss.detach(), hidden.grad.clone(), weight.grad.clone()))
+        hidden.grad, weight.grad = None, None
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

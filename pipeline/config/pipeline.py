@@ -183,6 +183,8 @@ class PipelineConfig(Section):
                 out[f"train.{field}"] = f"train.method is {t.method}"
         if self.task not in ("causal_lm", "preference"):
             out["train.fused_loss"] = f"task is {self.task} (the fused loss is the causal LM head's)"
+        elif t.method == "prompt_tuning":
+            out["train.fused_loss"] = "train.method is prompt_tuning (its virtual positions come first: the plain head is used)"
         if t.strategy != "deepspeed":
             out["train.deepspeed_config"] = f"train.strategy is {t.strategy}"
         if not t.validates:

@@ -66,12 +66,14 @@ def linear_cross_entropy(
     bias: torch.Tensor | None = None,
     chunk_rows: int | None = None,
     reduction: str = "sum",
-    ignore_index: int = -100,
+    ignore_index: int | None = -100,
 ) -> torch.Tensor:
     """fp32 cross-entropy of `hidden @ weight.T (+ bias)` against `targets`, in chunks of rows.
 
     hidden [N, d], weight [V, d], bias [V], targets int64 [N]. reduction="sum" returns a scalar,
-    "none" a float32 [N] with 0 on ignored rows. chunk_rows=None picks `chunk_rows_for(V)`."""
+    "none" a float32 [N] with 0 on ignored rows. chunk_rows=None picks `chunk_rows_for(V)`.
+    ignore_index=None: every target is real (the trainer passes only target positions), which
+    saves a masking pass over each chunk's [rows, V] gradient (10 % of the loss on CPU)."""
     if reduction not in ("sum", "none"):
         raise ValueError(f"reduction must be 'sum' or 'none', not {reduction!r}")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
@@ -146,14 +148,18 @@ def _losses_and_grads(hidden, weight, bias, targets, compute_dtype, chunk_rows, 
         hidden_c = hidden[rows].to(compute_dtype)
         targets_c = targets[rows]
         logits = _fp32_logits(hidden_c, weight_c, bias_c)
-        lse_c = torch.logsumexp(logits, dim=1)
-        kept = targets_c != ignore_index
+        kept = targets_c != (-1 if ignore_index is None else ignore_index)  # None: no target is ignored
         # clamp: gather cannot index with ignore_index (-100); those rows are masked out anyway.
-        target_logit = logits.gather(1, targets_c.clamp(min=0).unsqueeze(1)).squeeze(1)
-        row_loss[rows] = torch.where(kept, lse_c - target_logit, 0.0)
-        lse[rows] = lse_c
+        picked = targets_c.clamp(min=0).unsqueeze(1)
+        # log_softmax is one fused pass (logsumexp is several, each allocating): the loss is
+        # -logp[target], the gradient exp(logp) - onehot, and logsumexp = logit - logp at the target.
+        logp = torch.log_softmax(logits, dim=1)
+        target_logp = logp.gather(1, picked).squeeze(1)
+        row_loss[rows] = torch.where(kept, -target_logp, 0.0)
+        lse[rows] = logits.gather(1, picked).squeeze(1) - target_logp
+        del logits
         if grads is not None:
-            grads.add(rows, hidden_c, weight_c, _logits_to_their_grad_(logits, lse_c, targets_c, ignore_index))
+            grads.add(rows, hidden_c, weight_c, _log_probabilities_to_their_grad_(logp, targets_c, ignore_index))
     return row_loss, lse
 
 
@@ -176,8 +182,16 @@ def _fp32_logits(hidden_c, weight_c, bias_c) -> torch.Tensor:
 def _logits_to_their_grad_(logits, lse, targets_c, ignore_index) -> torch.Tensor:
     """softmax - onehot(target), rows of ignored targets zeroed; computed in place in `logits` so
     the chunk never holds two fp32 [rows, V] tensors."""
+    return _log_probabilities_to_their_grad_(logits.sub_(lse.unsqueeze(1)), targets_c, ignore_index)
+
+
+def _log_probabilities_to_their_grad_(logp, targets_c, ignore_index) -> torch.Tensor:
+    """exp(logp) - onehot(target), rows of ignored targets zeroed, in place in `logp`."""
+    grad = logp.exp_()
+    if ignore_index is None:  # every row a target (the trainer selects them first): no masking pass over [rows, V]
+        grad.scatter_add_(1, targets_c.unsqueeze(1), torch.full((len(targets_c), 1), -1.0, dtype=grad.dtype, device=grad.device))
+        return grad
     kept = targets_c != ignore_index
-    grad = logits.sub_(lse.unsqueeze(1)).exp_()
     grad.masked_fill_(~kept.unsqueeze(1), 0.0)
     grad.scatter_add_(1, targets_c.clamp(min=0).unsqueeze(1), -kept.to(grad.dtype).unsqueeze(1))
     return grad

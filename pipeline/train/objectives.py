@@ -173,7 +173,9 @@ class TargetPositionsOnly:
         """Fused: the cross-entropy of the head over `hidden` (the selected positions) against the targets."""
         from pipeline.train.fused_loss import linear_cross_entropy
 
-        return linear_cross_entropy(hidden, self.head.weight, targets.tokens, bias=getattr(self.head, "bias", None), reduction=reduction)
+        # ignore_index=None: the targets are the labelled positions only, never -100.
+        return linear_cross_entropy(hidden, self.head.weight, targets.tokens, bias=getattr(self.head, "bias", None),
+                                    reduction=reduction, ignore_index=None)
 
 
 # ---------------------------------------------------------------- preference (DPO)
