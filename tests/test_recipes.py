@@ -292,7 +292,8 @@ def test_the_base_is_pretrained_from_scratch_with_256_positions(recipe_runs):
     version = published(stages)
     assert version.parent.name == "recipe-base"
     config = read_json(version / "model" / "config.json")
-    assert (config["n_positions"], config["n_layer"], config["n_embd"], config["vocab_size"]) == (256, 1, N_EMBD, 1000)
+    # The tokenizer's 1,000 ids, padded to a multiple of 64 (model.vocab_multiple).
+    assert (config["n_positions"], config["n_layer"], config["n_embd"], config["vocab_size"]) == (256, 1, N_EMBD, 1024)
     assert not (version / "base.json").exists()  # from scratch: no base of its own
     assert train_stats(stages)["steps"] == 3
 

@@ -145,4 +145,4 @@ def test_deepspeed_zero2_checkpoints_on_s3_resume_two_ranks_bit_identically(tmp_
 
 @pytest.mark.slow
 def test_sigkill_under_zero3_two_ranks_resumes_to_bit_identical_weights(tmp_path):
-    kill_and_resume(tmp_path, {"train.max_steps": 30, "train.nproc_per_node": 2, "train.strategy": "deepspeed", "train.deepspeed_config": "zero3"})
+    kill_and_resume(tmp_path, {"train.max_steps": 20, "train.nproc_per_node": 2, "train.strategy": "deepspeed", "train.deepspeed_config": "zero3"})
