@@ -78,7 +78,7 @@ from dataclasses import dataclass, replace  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.train_vs_hf import table  # noqa: E402
+from bench.train_vs_hf import hf_arguments, table  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.packing import IGNORE_INDEX, Ragged, offsets_of, pack_bins, pack_concat  # noqa: E402
 from pipeline.train import recipe  # noqa: E402
@@ -294,7 +294,7 @@ def window_clock(device: torch.device, window: int, max_steps: int):
 
 def run_hf(sets: list[str], meta: dict, rows: list[dict], shape: Shape, device: torch.device, work: Path, window: int) -> dict:
     """transformers.Trainer on the same model, optimiser settings and steps; real tokens counted per step."""
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+    from transformers import PrinterCallback, Trainer
 
     cfg = load_config(None, sets)
     t = cfg.train
@@ -308,33 +308,10 @@ def run_hf(sets: list[str], meta: dict, rows: list[dict], shape: Shape, device: 
     # The same call our trainer makes: the same weights, attention kernel and padded vocabulary
     # (50,257 -> 50,304 by model.vocab_multiple), so both models have exactly the same size.
     model = build_model(cfg.model, "causal_lm", meta, t.seed, attention=attention_kernel(cfg.model, device, t.precision))
-    args = TrainingArguments(
-        output_dir=str(work / "hf"),
-        max_steps=t.max_steps,
-        per_device_train_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=1,
-        learning_rate=t.lr,
-        weight_decay=t.weight_decay,
-        adam_beta1=0.9,
-        adam_beta2=0.95,
-        adam_epsilon=1e-8,
-        optim="adamw_torch_fused",
-        max_grad_norm=t.max_grad_norm,
-        warmup_steps=t.warmup_steps,
-        lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio},
-        seed=t.seed,
-        data_seed=t.seed,
+    args = hf_arguments(
+        t, work / "hf", optim="adamw_torch_fused", logging_steps=window, use_cpu=device.type == "cpu", torch_compile=False,
         bf16=shape.precision == "bf16",
         tf32=True if device.type == "cuda" else None,  # as our trainer sets it for what autocast leaves in fp32
-        use_cpu=device.type == "cpu",
-        torch_compile=False,
-        logging_steps=window,
-        save_strategy="no",
-        report_to=[],
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        disable_tqdm=True,
     )
     trainer = CountingTrainer(model=model, args=args, train_dataset=rows, data_collator=pad_to_longest, callbacks=[clock])
     trainer.remove_callback(PrinterCallback)  # its per-log print would interleave with the table

@@ -127,20 +127,13 @@ def train_ours(config: str, sets: list[str], tokenized: Path, work: Path) -> dic
 # ---------------------------------------------------------------- Hugging Face Trainer
 
 
-def train_hf(cfg, meta: dict, examples: list[dict], tokenizer, padding: str, block: int, work: Path):
-    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments
+def hf_arguments(t, output_dir: Path, **extra):
+    """HF `TrainingArguments` with our train section's optimizer and schedule: AdamW betas 0.9/0.95,
+    eps 1e-8, clipping, linear warmup then cosine to lr x min_lr_ratio; no checkpoints, no reports."""
+    from transformers import TrainingArguments
 
-    class CountingTrainer(Trainer):
-        real_tokens = 0
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            self.real_tokens += int(inputs["attention_mask"].sum())
-            return super().training_step(model, inputs, num_items_in_batch)
-
-    t = cfg.train
-    model = build_model(cfg.model, "causal_lm", meta, t.seed)  # the very weights ours starts from
-    args = TrainingArguments(
-        output_dir=str(work / f"hf_{padding}"),
+    return TrainingArguments(
+        output_dir=str(output_dir),
         max_steps=t.max_steps,
         per_device_train_batch_size=t.micro_batch_size,
         gradient_accumulation_steps=1,
@@ -155,14 +148,28 @@ def train_hf(cfg, meta: dict, examples: list[dict], tokenizer, padding: str, blo
         lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio},
         seed=t.seed,
         data_seed=t.seed,
-        logging_steps=max(1, t.max_steps // 5),
         save_strategy="no",
         report_to=[],
-        use_cpu=True,
         dataloader_num_workers=0,
         remove_unused_columns=False,
         disable_tqdm=True,
+        **extra,
     )
+
+
+def train_hf(cfg, meta: dict, examples: list[dict], tokenizer, padding: str, block: int, work: Path):
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer
+
+    class CountingTrainer(Trainer):
+        real_tokens = 0
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            self.real_tokens += int(inputs["attention_mask"].sum())
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    t = cfg.train
+    model = build_model(cfg.model, "causal_lm", meta, t.seed)  # the very weights ours starts from
+    args = hf_arguments(t, work / f"hf_{padding}", logging_steps=max(1, t.max_steps // 5), use_cpu=True)
     if padding == "max_length":
         collator = DataCollatorForSeq2Seq(tokenizer, padding="max_length", max_length=block, label_pad_token_id=IGNORE_INDEX)
     else:
