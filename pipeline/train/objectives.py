@@ -135,7 +135,7 @@ class TargetPositionsOnly:
     The hook sits inside the model's own forward, so DDP and DeepSpeed see an ordinary forward.
 
     `fused`: inside `selecting`, the head hands back its (selected) input instead of logits, and
-    `loss` / `logps` apply the head and the cross-entropy together in chunks (train/fused_loss.py):
+    `token_losses` applies the head and the cross-entropy together in chunks (train/fused_loss.py):
     the [targets x vocab] fp32 logits of the whole micro-batch never exist. Outside `selecting(...)`
     the head is the plain head over every position (validation, generation).
     """

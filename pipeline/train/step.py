@@ -16,13 +16,13 @@ from typing import Callable
 
 import torch
 
+from pipeline.config import PipelineConfig
 from pipeline.data.loader import held_out_batches, micro_batch_ids, sample_ids
 from pipeline.train import objectives
-from pipeline.train.precision import autocast_context
-from pipeline.config import PipelineConfig
 from pipeline.train.methods import Method
 from pipeline.train.parallel.dist import DistInfo, all_reduce_sum
 from pipeline.train.parallel.replica import Replica
+from pipeline.train.precision import autocast_context
 from pipeline.train.state import TrainState
 
 
@@ -58,9 +58,11 @@ class Run:
         return t.micro_batch_size * t.grad_accum_steps * self.info.world_size
 
 
-
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+NON_FINITE_ADVICE = "Lower train.lr, raise train.warmup_steps or train.max_grad_norm, or use fp32/bf16 instead of fp16."
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -78,7 +80,7 @@ class StepResult:
     lr: float
     real_tokens: int
     """Tokens of the global batch that are not padding (throughput counts these)."""
-    targets: float
+    targets: int
     """What the global step's loss is a mean over (target_count): tokens, examples or pairs."""
     samples: list[int]
     """Global sample indices this rank trained on."""
@@ -135,9 +137,6 @@ def train_step(run: Run, state: TrainState, checkpoints) -> StepResult:
     if task == "preference":
         numbers.append(all_reduce_sum(reward_sums, info))
     return StepResult(torch.cat([n.reshape(-1).double() for n in numbers]), tcfg.lr * multiplier, global_real, global_targets, my_samples)
-
-
-NON_FINITE_ADVICE = "Lower train.lr, raise train.warmup_steps or train.max_grad_norm, or use fp32/bf16 instead of fp16."
 
 
 def settle(run: Run, pending: list[tuple[int, StepResult]], checkpoints) -> list[dict]:
