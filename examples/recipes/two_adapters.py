@@ -32,12 +32,12 @@ from pathlib import Path
 
 from pipeline.config import load_config
 from pipeline.registry.bases import SCHEME
-from pipeline.registry.loading import load_version, prompt_formatter, version_config
+from pipeline.registry.loading import load_version
 from pipeline.registry.names import RegistryError
 from pipeline.run_report import text_table
 from pipeline.serve.catalog import Catalog
 from pipeline.serve.http import resident_bytes
-from pipeline.serve.registry import adapter_copies
+from pipeline.serve.registry import adapter_copies, adapter_formats, check_trained_on
 from pipeline.stages import run_stages
 
 HERE = Path(__file__).resolve().parent
@@ -99,14 +99,9 @@ def attach_both(registry: str, base: str, adapters: dict[str, str]) -> tuple[Cat
 
     copies = adapter_copies(registry, adapters)  # verified copies, each checked to be a PEFT adapter
     loaded = load_version(registry, base)
-    for name, (_, trained_on) in copies.items():
-        recorded = (trained_on.get("registry") or {})
-        if (recorded.get("model"), recorded.get("version")) != (loaded.name, loaded.version):
-            raise RegistryError(f"adapter {name} was trained on {recorded.get('model')}@{recorded.get('version')}, "
-                                f"not on {loaded.reference}; an adapter only fits the base it was trained on")
+    check_trained_on(loaded, copies, registry)  # the same check as `tunepipe serve`
     base_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-    formats = {base: loaded.format_prompt}
-    formats.update({name: prompt_formatter(version_config(copy), loaded.tokenizer) for name, (copy, _) in copies.items()})
+    formats = {base: loaded.format_prompt, **adapter_formats(copies, loaded.tokenizer)}
 
     gc.collect()
     before = resident_bytes()

@@ -55,6 +55,19 @@ def adapter_copies(registry: str, adapters: dict[str, str]) -> dict[str, tuple[P
     return out
 
 
+def check_trained_on(loaded, adapters: dict[str, tuple[Path, dict]], registry: str) -> None:
+    """Each adapter (adapter_copies) was trained on the loaded base version, or RegistryError naming it."""
+    for name, (_, reference) in adapters.items():
+        if not _same_base(reference, registry, loaded.name, loaded.version):
+            raise RegistryError(f"--adapter {name}: trained on {_describe(reference)}, not on {loaded.reference}; "
+                                "an adapter only fits the base it was trained on")
+
+
+def adapter_formats(adapters: dict[str, tuple[Path, dict]], tokenizer) -> dict:
+    """name -> the prompt template of that adapter's own version (what it was trained on)."""
+    return {name: prompt_formatter(version_config(copy), tokenizer) for name, (copy, _) in adapters.items()}
+
+
 def _same_base(reference: dict, registry: str, model: str, version: str) -> bool:
     if "registry" not in reference:
         return False
@@ -73,10 +86,7 @@ def serve_from_registry(registry: str, base: str | None, adapter_specs: list[str
         loaded = load_version(registry, base)
         if loaded.task != "causal_lm":
             raise RegistryError(f"--base {base}: {loaded.reference} is a {loaded.task} model; completions need a causal LM")
-        for name, (copy, reference) in adapters.items():
-            if not _same_base(reference, registry, loaded.name, loaded.version):
-                raise RegistryError(f"--adapter {name}: trained on {_describe(reference)}, not on {loaded.reference}; "
-                                    "an adapter only fits the base it was trained on")
+        check_trained_on(loaded, adapters, registry)
         # Served under the name it was asked for (`lm@production`): what clients were told to use.
         model, tokenizer, base_name = loaded.model, loaded.tokenizer, base
         formats = {base_name: loaded.format_prompt}
@@ -98,8 +108,7 @@ def serve_from_registry(registry: str, base: str | None, adapter_specs: list[str
             formats = {}  # a hub model has no template of ours: prompts go as they are
         else:
             raise RegistryError(f"the adapters' base {_describe(reference)} is not in the registry or on the hub")
-    for name, (copy, _) in adapters.items():
-        formats[name] = prompt_formatter(version_config(copy), tokenizer)
+    formats.update(adapter_formats(adapters, tokenizer))
     catalog = Catalog(model, tokenizer, {name: copy / "model" for name, (copy, _) in adapters.items()},
                       base_name=base_name, format_prompt=formats)
     serve(catalog, host, port)
