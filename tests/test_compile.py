@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import make_blocks, train_losses, trainer_args
+from tiny import crash_at_step, make_blocks, train_losses, trainer_args
 
 from pipeline.train import recipe
 
@@ -34,17 +34,8 @@ def test_a_compiled_run_resumes_bit_identically(tmp_path, monkeypatch):
 
     # Stopped by an error after the step-4 checkpoint (as a kill there would), then rerun.
     stopped = tmp_path / "stopped"
-    plain_step = recipe.train_step
-
-    def fail_at_step_6(run, state, checkpoints):
-        if state.step == 5:
-            raise RuntimeError("simulated crash at step 6")
-        return plain_step(run, state, checkpoints)
-
-    monkeypatch.setattr(recipe, "train_step", fail_at_step_6)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_at_step(monkeypatch, 6), pytest.raises(RuntimeError, match="simulated crash"):
         train(stopped, "train.compile=true")
-    monkeypatch.setattr(recipe, "train_step", plain_step)
     assert recipe.main(trainer_args(stopped / "tok", stopped, *RUN, "train.compile=true")) == 0
     stats = (stopped / "out" / "train_stats.json").read_text()
     assert '"resumed_from_step": 4' in stats

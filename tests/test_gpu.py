@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from tiny import make_blocks, train_losses, train_on_blocks, trainer_args
+from tiny import crash_at_step, make_blocks, train_losses, train_on_blocks, trainer_args
 
 from pipeline.config import TrainConfig
 from pipeline.train.precision import autocast_context
@@ -90,17 +90,8 @@ def test_compiled_training_resumes_bit_identically_on_gpu(tmp_path, monkeypatch)
 
     run = ("train.compile=true", "train.save_every_steps=6", "model.dropout=0.1")
     whole = train_on_blocks(tmp_path / "whole", *run)
-    plain = recipe.train_step
-
-    def crash(r, state, checkpoints):
-        if state.step == 8:
-            raise RuntimeError("simulated crash")
-        return plain(r, state, checkpoints)
-
-    monkeypatch.setattr(recipe, "train_step", crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_at_step(monkeypatch, 9), pytest.raises(RuntimeError, match="simulated crash"):
         train_on_blocks(tmp_path / "stopped", *run)
-    monkeypatch.setattr(recipe, "train_step", plain)
     from tiny import BLOCKS_RUN
 
     stopped = tmp_path / "stopped"

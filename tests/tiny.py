@@ -21,6 +21,8 @@ modules are imported inside the helpers, so that importing this module stays che
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import csv
 import hashlib
 import importlib.util
@@ -166,6 +168,26 @@ def trainer_args(tokenized, root: Path, *overrides: str, config: Path | None = N
     for override in overrides:
         args += ["--set", override]
     return args
+
+
+@contextmanager
+def crash_at_step(monkeypatch, step: int):
+    """Within: the in-process trainer raises RuntimeError("simulated crash") before training `step`
+    (after any checkpoint of the steps before it), as a kill there would stop it."""
+    from pipeline.train import recipe
+
+    plain = recipe.train_step
+
+    def crashing(run, state, checkpoints):
+        if state.step + 1 == step:
+            raise RuntimeError("simulated crash")
+        return plain(run, state, checkpoints)
+
+    monkeypatch.setattr(recipe, "train_step", crashing)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(recipe, "train_step", plain)
 
 
 def train_losses(output: Path) -> list[float]:
