@@ -150,13 +150,13 @@ def settle(run: Run, pending: list[tuple[int, StepResult]], checkpoints) -> list
     rows = []
     for (step, result), numbers in zip(pending, values):
         loss, grad_norm, *rewards = numbers
-        newest = f"Newest complete checkpoint: {checkpoints.newest()} (untouched)."
-        if not math.isfinite(loss):
-            raise NonFiniteLoss(f"step {step}: loss is {loss}; its update was skipped and the run stopped at step "
-                                f"{pending[-1][0]} before saving. {newest} {NON_FINITE_ADVICE}")
-        if not math.isfinite(grad_norm) and not run.replica.handles_overflow:
-            raise NonFiniteLoss(f"step {step}: gradient norm is {grad_norm}; its update was skipped and the run stopped "
-                                f"at step {pending[-1][0]} before saving. {newest} {NON_FINITE_ADVICE}")
+        bad = ("loss", loss) if not math.isfinite(loss) else \
+            ("gradient norm", grad_norm) if not math.isfinite(grad_norm) and not run.replica.handles_overflow else None
+        if bad:
+            # Only now: listing the checkpoints is I/O (on S3 a request), too slow for every settled step.
+            raise NonFiniteLoss(f"step {step}: {bad[0]} is {bad[1]}; its update was skipped and the run stopped at step "
+                                f"{pending[-1][0]} before saving. Newest complete checkpoint: {checkpoints.newest()} "
+                                f"(untouched). {NON_FINITE_ADVICE}")
         extras = objectives.reward_metrics(rewards, result.targets) if rewards else {}
         rows.append({"step": step, "loss": loss, "lr": result.lr, "grad_norm": grad_norm, **extras})
     pending.clear()
