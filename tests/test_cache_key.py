@@ -62,6 +62,7 @@ def test_an_inactive_key_leaves_the_fingerprint_alone(stage, raw, key_value):
         # Each moves the last bits of the weights (kernels fuse and reorder float arithmetic), or more.
         ("train", {}, "train.compile=true"),
         ("train", {}, "train.fused_loss=false"),
+        ("train", {}, "train.fused_activation=false"),
         ("train", {}, "model.vocab_multiple=1"),
         ("train", {}, "model.attn_implementation=eager"),
     ],

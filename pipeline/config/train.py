@@ -108,6 +108,10 @@ class TrainConfig(Section):
     time (train/fused_loss.py), so the step never holds the [tokens x vocabulary] fp32 logits (GPT-2's head over a
     16k-token step: 3.3 GB, and as much again for their gradient). The same loss to 1e-5. Not under ZeRO-3 or prompt
     tuning, which then use the plain head."""
+    fused_activation: bool = True
+    """Run GPT-2's `gelu_new` (eight tensor operations in Python) as torch's one-kernel tanh GELU while training:
+    the same function to 2.4e-7, about 9% of a small GPT-2's CPU step saved (train/fast_activations.py). The saved
+    model is unchanged."""
     fast_cpu_dropout: bool = False
     """Opt-in CPU-only speed-up: draw dropout masks 16 bits per element instead of with torch's
     bernoulli (25% of a small GPT-2's step on 2 cores) and run attention dropout in our own math

@@ -36,7 +36,7 @@ import torch
 
 from pipeline.config import PipelineConfig, TrainConfig, load_config
 from pipeline.data.loader import open_split
-from pipeline.train import cpu_dropout, objectives
+from pipeline.train import cpu_dropout, fast_activations, objectives
 from pipeline.train.checkpoint import checkpoint_world_size, load_checkpoint
 from pipeline.train.checkpoint_stores import open_checkpoints
 from pipeline.train.job_output import JobOutput, local_input
@@ -103,6 +103,8 @@ def setup(cfg: PipelineConfig, tokenized: Path, info: DistInfo, reference: Path 
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if tcfg.fused_activation:
+        fast_activations.install(model)
     model = method.apply(model, tcfg, model_task, tokenized / "tokenizer")
     if task == "preference":
         # As TRL does: without dropout the policy's first log-probabilities are the reference's
