@@ -33,6 +33,13 @@ def test_dropout_scales_what_it_keeps_and_passes_gradients_through_the_same_mask
     y.sum().backward()
     torch.testing.assert_close(x.grad, kept.float() / 0.75)
     assert cpu_dropout.dropout(x, 0.25, training=False) is x
+    # bf16 (CPU autocast): the same elements kept, scaled in fp32 arithmetic, not by a rounded bf16 1/0.75.
+    x16 = x.detach().bfloat16()
+    torch.manual_seed(1)
+    torch.rand(200_000)  # the same draws as before the fp32 call above
+    y16 = cpu_dropout.dropout(x16, 0.25)
+    assert y16.dtype == torch.bfloat16 and torch.equal(y16 != 0, kept)
+    torch.testing.assert_close(y16[kept], (x16[kept].float() / 0.75).bfloat16(), rtol=0, atol=0)
 
 
 class _Module(torch.nn.Module):
@@ -42,10 +49,16 @@ class _Module(torch.nn.Module):
         self.num_key_value_groups = num_key_value_groups  # transformers' sdpa repeats key/value heads by this
 
 
-@pytest.mark.parametrize(
-    "case", ["causal_no_mask", "padding_bool_mask", "grouped_query", "bidirectional", "additive_float_mask"]
-)
-def test_attention_with_nothing_dropped_equals_transformers_sdpa(case, monkeypatch):
+CASES = ["causal_no_mask", "padding_bool_mask", "grouped_query", "bidirectional", "additive_float_mask"]
+
+
+def _nothing_dropped(n, device):
+    return torch.full((n,), 2**15 - 1, dtype=torch.int16, device=device)
+
+
+@pytest.mark.parametrize("query_block", [64, 4], ids=["one_block", "blocks_of_4"])
+@pytest.mark.parametrize("case", CASES)
+def test_attention_with_nothing_dropped_equals_transformers_sdpa(case, query_block, monkeypatch):
     torch.manual_seed(2)
     b, h, kv_heads, t, d = 3, 4, 2 if case == "grouped_query" else 4, 9, 8
     q = torch.randn(b, h, t, d, requires_grad=True)
@@ -60,7 +73,8 @@ def test_attention_with_nothing_dropped_equals_transformers_sdpa(case, monkeypat
         if case == "additive_float_mask":
             mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
     # Nothing dropped: the 1/(1-p) scale is the only effect of p left, so compare at p and undo it.
-    monkeypatch.setattr(cpu_dropout, "drop_mask", lambda shape, p, device: torch.zeros(shape, dtype=torch.bool))
+    monkeypatch.setattr(cpu_dropout, "_uniform_bits", _nothing_dropped)
+    monkeypatch.setattr(cpu_dropout, "QUERY_BLOCK", query_block)
     ours, _ = cpu_dropout.attention(module, q, k, v, mask, dropout=0.2)
     ref, _ = sdpa_attention_forward(module.eval(), q, k, v, mask, dropout=0.0)
     torch.testing.assert_close(ours * 0.8, ref, rtol=1e-5, atol=1e-5)
@@ -68,6 +82,61 @@ def test_attention_with_nothing_dropped_equals_transformers_sdpa(case, monkeypat
     ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def _qkv_and_mask(case: str, seed: int):
+    torch.manual_seed(seed)
+    b, h, kv_heads, t, d = 3, 4, 2 if case == "grouped_query" else 4, 11, 8
+    q = torch.randn(b, h, t, d, requires_grad=True)
+    k = torch.randn(b, kv_heads, t, d, requires_grad=True)
+    v = torch.randn(b, kv_heads, t, d, requires_grad=True)
+    module = _Module(is_causal=case != "bidirectional", num_key_value_groups=h // kv_heads).train()
+    mask = None
+    if case in ("padding_bool_mask", "additive_float_mask"):
+        lengths = torch.tensor([11, 6, 3])
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        mask = (causal[None] & (torch.arange(t)[None, None, :] < lengths[:, None, None]))[:, None]
+        if case == "additive_float_mask":
+            mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    return module, q, k, v, mask
+
+
+@pytest.mark.parametrize("case", ["causal_no_mask", "padding_bool_mask", "grouped_query", "additive_float_mask"])
+def test_causal_blocks_drop_what_the_dense_path_drops_and_match_it(case, monkeypatch):
+    """Blocks of 4 queries over 11 positions (the last block partial) against the dense math path,
+    under the same seed: the same outputs and gradients, so the same elements were kept."""
+    module, q, k, v, mask = _qkv_and_mask(case, 5)
+    grad_out = torch.randn(q.shape[0], q.shape[2], q.shape[1], q.shape[3])
+
+    def run():
+        torch.manual_seed(9)
+        out, _ = cpu_dropout.attention(module, q, k, v, mask, dropout=0.3)
+        return out, torch.autograd.grad(out, (q, k, v), grad_out)
+
+    monkeypatch.setattr(cpu_dropout, "QUERY_BLOCK", 4)
+    blocked, blocked_grads = run()
+    with monkeypatch.context() as m:
+        m.setattr(cpu_dropout, "_blockable_bias", lambda *a: None)
+        dense, dense_grads = run()
+    undropped, _ = sdpa_attention_forward(module.eval(), q, k, v, mask, dropout=0.0)
+    assert (blocked - undropped).abs().max() > 0.1  # something was dropped
+    assert cpu_dropout._blockable_bias(module, q, k, mask, None) is not None  # and the blocks ran
+    torch.testing.assert_close(blocked, dense, rtol=1e-5, atol=1e-6)
+    for ours, ref in zip(blocked_grads, dense_grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_blocks_are_not_used_where_they_would_be_wrong():
+    module, q, k, v, mask = _qkv_and_mask("bidirectional", 1)
+    assert cpu_dropout._blockable_bias(module, q, k, None, None) is None  # an encoder sees every key
+    module.is_causal = True
+    assert cpu_dropout._blockable_bias(module, q[:, :, -1:], k, None, None) is None  # a KV cache
+    assert cpu_dropout._blockable_bias(module, q.double(), k.double(), None, None) is None  # not fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_dropout._blockable_bias(module, q, k, None, None) is None
+    key_padding_only = torch.ones(q.shape[0], 1, 1, q.shape[2], dtype=torch.bool)  # not per query
+    assert cpu_dropout._blockable_bias(module, q, k, key_padding_only, None) is None
+    assert cpu_dropout._blockable_bias(module, q, k, None, None) is not None
 
 
 def tiny_models():
