@@ -40,6 +40,8 @@ def fingerprint(stage: str, raw: dict, *overrides: str) -> str:
         ("ingest", {}, "data.text_column=body"),  # template prompt_response reads prompt and response
         ("preprocess", {}, "preprocess.instruction_template=Do {instruction}"),
         ("preprocess", {"task": "classification"}, "preprocess.prompt_template=Q {prompt}"),
+        ("train", {"train": {"compile": True}}, "train.cpu_matmul=onednn"),
+        ("train", {"train": {"strategy": "deepspeed"}}, "train.cpu_matmul=onednn"),
     ],
 )
 def test_an_inactive_key_leaves_the_fingerprint_alone(stage, raw, key_value):
@@ -63,6 +65,7 @@ def test_an_inactive_key_leaves_the_fingerprint_alone(stage, raw, key_value):
         ("train", {}, "train.compile=true"),
         ("train", {}, "train.fused_loss=false"),
         ("train", {}, "train.fused_activation=false"),
+        ("train", {}, "train.cpu_matmul=torch"),
         ("train", {}, "model.vocab_multiple=1"),
         ("train", {}, "model.attn_implementation=eager"),
     ],

@@ -38,7 +38,10 @@ UNPADDED = ("model.vocab_multiple=1",)
     ((*UNPADDED, "train.fused_loss=false"), RECORDED),
     ((*UNPADDED, "train.fast_cpu_dropout=true"), RECORDED_FAST_CPU_DROPOUT),
     ((), RECORDED_PADDED_VOCAB),
-], ids=["default_torch_dropout", "unfused_loss", "opt_in_fast_cpu_dropout", "padded_vocabulary"])
+    # Recorded through torch's (MKL's) matmuls; oneDNN's sum in another order, to rounding.
+    ((*UNPADDED, "train.cpu_matmul=torch"), RECORDED),
+    ((*UNPADDED, "train.cpu_matmul=onednn"), RECORDED),
+], ids=["default_torch_dropout", "unfused_loss", "opt_in_fast_cpu_dropout", "padded_vocabulary", "torch_matmuls", "onednn_matmuls"])
 def test_loss_curve_matches_the_recorded_one(tmp_path, overrides, recorded):
     losses = train_on_blocks(tmp_path, *overrides)
     if os.environ.get("TUNEPIPE_PRINT_GOLDEN"):

@@ -187,6 +187,10 @@ class PipelineConfig(Section):
             out["train.fused_loss"] = "train.method is prompt_tuning (its virtual positions come first: the plain head is used)"
         if t.strategy != "deepspeed":
             out["train.deepspeed_config"] = f"train.strategy is {t.strategy}"
+        else:
+            out["train.cpu_matmul"] = "train.strategy is deepspeed (ZeRO-3 replaces the linear function with its own)"
+        if t.compile:
+            out["train.cpu_matmul"] = "train.compile is on (inductor picks its own kernels)"
         if not t.validates:
             out["train.eval_batches"] = "train.eval_every_steps is not set (no validation during training)"
         if t.early_stopping_patience is None:

@@ -112,6 +112,11 @@ class TrainConfig(Section):
     """Run GPT-2's `gelu_new` (eight tensor operations in Python) as torch's one-kernel tanh GELU while training:
     the same function to 2.4e-7, about 9% of a small GPT-2's CPU step saved (train/fast_activations.py). The saved
     model is unchanged."""
+    cpu_matmul: Literal["auto", "torch", "onednn"] = "auto"
+    """CPU only: the library for the fp32 linear layers and the fused loss's matmuls. torch's (MKL) runs its
+    AVX-512 kernels only on Intel CPUs; oneDNN picks by instruction set, 1.5-1.7x faster per layer on an AMD EPYC
+    (train/cpu_matmul.py). `auto`: oneDNN on a non-Intel CPU with AVX-512, else torch. Not with train.compile
+    or DeepSpeed."""
     fast_cpu_dropout: bool = False
     """Opt-in CPU-only speed-up: draw dropout masks 16 bits per element instead of with torch's
     bernoulli (25% of a small GPT-2's step on 2 cores) and run attention dropout in our own math

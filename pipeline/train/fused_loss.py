@@ -45,6 +45,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from pipeline.train import cpu_matmul
+
 # Past this many rows a chunk's matmul is already large enough to keep the device busy, and more
 # rows only raise the peak memory.
 MAX_CHUNK_ROWS = 8192
@@ -67,13 +69,15 @@ def linear_cross_entropy(
     chunk_rows: int | None = None,
     reduction: str = "sum",
     ignore_index: int | None = -100,
+    onednn: bool = False,
 ) -> torch.Tensor:
     """fp32 cross-entropy of `hidden @ weight.T (+ bias)` against `targets`, in chunks of rows.
 
     hidden [N, d], weight [V, d], bias [V], targets int64 [N]. reduction="sum" returns a scalar,
     "none" a float32 [N] with 0 on ignored rows. chunk_rows=None picks `chunk_rows_for(V)`.
     ignore_index=None: every target is real (the trainer passes only target positions), which
-    saves a masking pass over each chunk's [rows, V] gradient (10 % of the loss on CPU)."""
+    saves a masking pass over each chunk's [rows, V] gradient (10 % of the loss on CPU).
+    onednn=True: fp32 matmuls on CPU through oneDNN (train/cpu_matmul.py, `train.cpu_matmul`)."""
     if reduction not in ("sum", "none"):
         raise ValueError(f"reduction must be 'sum' or 'none', not {reduction!r}")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
@@ -97,48 +101,48 @@ def linear_cross_entropy(
     # torch.no_grad() for an input that requires grad.
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
         with torch.autocast(device_type, enabled=False):
-            row_loss, _ = _losses_and_grads(hidden, weight, bias, targets, compute_dtype, chunk_rows, ignore_index, None)
+            row_loss, _ = _losses_and_grads(hidden, weight, bias, targets, compute_dtype, chunk_rows, ignore_index, None, onednn)
         return row_loss.sum() if reduction == "sum" else row_loss
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, compute_dtype, chunk_rows, ignore_index, reduction)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, compute_dtype, chunk_rows, ignore_index, reduction, onednn)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, compute_dtype, chunk_rows, ignore_index, reduction):
-        ctx.device_type = hidden.device.type
+    def forward(ctx, hidden, weight, bias, targets, compute_dtype, chunk_rows, ignore_index, reduction, onednn):
+        ctx.device_type, ctx.onednn = hidden.device.type, onednn
         ctx.compute_dtype, ctx.chunk_rows, ctx.ignore_index, ctx.reduction = compute_dtype, chunk_rows, ignore_index, reduction
         with torch.autocast(ctx.device_type, enabled=False):
             if reduction == "none":
-                row_loss, lse = _losses_and_grads(hidden, weight, bias, targets, compute_dtype, chunk_rows, ignore_index, None)
+                row_loss, lse = _losses_and_grads(hidden, weight, bias, targets, compute_dtype, chunk_rows, ignore_index, None, onednn)
                 ctx.save_for_backward(hidden, weight, bias, targets, lse)
                 return row_loss
-            grads = _GradSums(hidden, weight, bias, ctx.needs_input_grad[:3])
-            row_loss, _ = _losses_and_grads(hidden, weight, bias, targets, compute_dtype, chunk_rows, ignore_index, grads)
+            grads = _GradSums(hidden, weight, bias, ctx.needs_input_grad[:3], onednn)
+            row_loss, _ = _losses_and_grads(hidden, weight, bias, targets, compute_dtype, chunk_rows, ignore_index, grads, onednn)
             ctx.save_for_backward(*grads.finish())
             return row_loss.sum()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        unused = (None, None, None, None, None)  # targets, compute_dtype, chunk_rows, ignore_index, reduction
+        unused = (None, None, None, None, None, None)  # targets, compute_dtype, chunk_rows, ignore_index, reduction, onednn
         if ctx.reduction == "sum":
             # A 0-dim fp32 factor keeps each gradient in its own dtype.
             scaled = tuple(None if g is None else g * grad_output for g in ctx.saved_tensors)
             return (*scaled, *unused)
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         with torch.autocast(ctx.device_type, enabled=False):
-            grads = _GradSums(hidden, weight, bias, ctx.needs_input_grad[:3])
+            grads = _GradSums(hidden, weight, bias, ctx.needs_input_grad[:3], ctx.onednn)
             weight_c, bias_c = _cast_head(weight, bias, ctx.compute_dtype)
             grad_output = grad_output.float()
             for rows in _row_chunks(hidden.shape[0], ctx.chunk_rows):
                 hidden_c = hidden[rows].to(ctx.compute_dtype)
-                logits = _fp32_logits(hidden_c, weight_c, bias_c)
+                logits = _fp32_logits(hidden_c, weight_c, bias_c, ctx.onednn)
                 grad_logits = _logits_to_their_grad_(logits, lse[rows], targets[rows], ctx.ignore_index)
                 grads.add(rows, hidden_c, weight_c, grad_logits.mul_(grad_output[rows].unsqueeze(1)))
             return (*grads.finish(), *unused)
 
 
-def _losses_and_grads(hidden, weight, bias, targets, compute_dtype, chunk_rows, ignore_index, grads):
+def _losses_and_grads(hidden, weight, bias, targets, compute_dtype, chunk_rows, ignore_index, grads, onednn):
     """(loss per row fp32 [N], logsumexp per row fp32 [N]); adds each chunk's gradients into `grads`
     unless it is None."""
     row_loss = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
@@ -147,7 +151,7 @@ def _losses_and_grads(hidden, weight, bias, targets, compute_dtype, chunk_rows, 
     for rows in _row_chunks(hidden.shape[0], chunk_rows):
         hidden_c = hidden[rows].to(compute_dtype)
         targets_c = targets[rows]
-        logits = _fp32_logits(hidden_c, weight_c, bias_c)
+        logits = _fp32_logits(hidden_c, weight_c, bias_c, onednn)
         kept = targets_c != (-1 if ignore_index is None else ignore_index)  # None: no target is ignored
         # clamp: gather cannot index with ignore_index (-100); those rows are masked out anyway.
         picked = targets_c.clamp(min=0).unsqueeze(1)
@@ -163,6 +167,10 @@ def _losses_and_grads(hidden, weight, bias, targets, compute_dtype, chunk_rows, 
     return row_loss, lse
 
 
+def _onednn_applies(onednn: bool, hidden_c: torch.Tensor) -> bool:
+    return onednn and hidden_c.device.type == "cpu" and hidden_c.dtype == torch.float32
+
+
 def _row_chunks(rows: int, chunk_rows: int):
     for start in range(0, rows, chunk_rows):
         yield slice(start, min(start + chunk_rows, rows))
@@ -172,9 +180,11 @@ def _cast_head(weight, bias, compute_dtype):
     return weight.to(compute_dtype), None if bias is None else bias.to(compute_dtype)
 
 
-def _fp32_logits(hidden_c, weight_c, bias_c) -> torch.Tensor:
+def _fp32_logits(hidden_c, weight_c, bias_c, onednn: bool) -> torch.Tensor:
     """The chunk's logits in fp32, from a matmul in the compute dtype (what autocast's F.linear
     followed by `.float()` gives). The result is a fresh tensor the caller may overwrite."""
+    if _onednn_applies(onednn, hidden_c):
+        return cpu_matmul.matmul_nt(hidden_c, weight_c, bias_c)
     logits = hidden_c @ weight_c.T if bias_c is None else torch.addmm(bias_c, hidden_c, weight_c.T)
     return logits.float()
 
@@ -200,8 +210,9 @@ def _log_probabilities_to_their_grad_(logp, targets_c, ignore_index) -> torch.Te
 class _GradSums:
     """Gradients of hidden, weight and bias built chunk by chunk; only those `wanted`."""
 
-    def __init__(self, hidden, weight, bias, wanted):
+    def __init__(self, hidden, weight, bias, wanted, onednn: bool):
         want_hidden, want_weight, want_bias = wanted
+        self.onednn = onednn
         self.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         # Each row of hidden belongs to one chunk, so its gradient is written once, in its own
         # dtype; the weight's and bias's are sums over all chunks and are kept in fp32 until the end.
@@ -217,6 +228,12 @@ class _GradSums:
         # The matmuls run in the compute dtype, as the unfused graph's backward does (bf16 tensor
         # cores on GPU); only this chunk's copy of the gradient is in that dtype.
         grad_logits = grad_logits.to(hidden_c.dtype)
+        if _onednn_applies(self.onednn, hidden_c):
+            if self.hidden is not None:
+                self.hidden[rows] = cpu_matmul.matmul_nt(grad_logits, weight_c.t().contiguous())
+            if self.weight is not None:
+                self.weight += cpu_matmul.matmul_tn(grad_logits, hidden_c, like=weight_c)
+            return
         if self.hidden is not None:
             self.hidden[rows] = grad_logits @ weight_c
         if self.weight is not None:

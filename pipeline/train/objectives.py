@@ -140,8 +140,8 @@ class TargetPositionsOnly:
     the head is the plain head over every position (validation, generation).
     """
 
-    def __init__(self, head: torch.nn.Module, fused: bool = False):
-        self.head, self.fused = head, fused
+    def __init__(self, head: torch.nn.Module, fused: bool = False, onednn: bool = False):
+        self.head, self.fused, self.onednn = head, fused, onednn
         self.index: torch.Tensor | None = None
         self.shape: tuple[int, int] | None = None
         self.bypass = False
@@ -175,7 +175,7 @@ class TargetPositionsOnly:
 
         # ignore_index=None: the targets are the labelled positions only, never -100.
         return linear_cross_entropy(hidden, self.head.weight, targets.tokens, bias=getattr(self.head, "bias", None),
-                                    reduction=reduction, ignore_index=None)
+                                    reduction=reduction, ignore_index=None, onednn=self.onednn)
 
 
 # ---------------------------------------------------------------- preference (DPO)

@@ -36,7 +36,7 @@ import torch
 
 from pipeline.config import PipelineConfig, TrainConfig, load_config
 from pipeline.data.loader import open_split
-from pipeline.train import cpu_dropout, fast_activations, objectives
+from pipeline.train import cpu_dropout, cpu_matmul, fast_activations, objectives
 from pipeline.train.checkpoint import checkpoint_world_size, load_checkpoint
 from pipeline.train.checkpoint_stores import open_checkpoints
 from pipeline.train.job_output import JobOutput, local_input
@@ -105,6 +105,9 @@ def setup(cfg: PipelineConfig, tokenized: Path, info: DistInfo, reference: Path 
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if tcfg.fused_activation:
         fast_activations.install(model)
+    onednn = onednn_matmuls(tcfg, info)
+    if onednn:
+        cpu_matmul.install(model)
     model = method.apply(model, tcfg, model_task, tokenized / "tokenizer")
     if task == "preference":
         # As TRL does: without dropout the policy's first log-probabilities are the reference's
@@ -120,7 +123,7 @@ def setup(cfg: PipelineConfig, tokenized: Path, info: DistInfo, reference: Path 
     # Causal LM: the output head runs only where a target follows (not on prompts and padding);
     # not where a method puts positions of its own in front.
     head = unwrap(model).get_output_embeddings() if model_task == "causal_lm" and not method.extra_positions(tcfg) else None
-    only_targets = objectives.TargetPositionsOnly(head, fused=fused_loss_applies(tcfg, info)) if head is not None else None
+    only_targets = objectives.TargetPositionsOnly(head, fused=fused_loss_applies(tcfg, info), onednn=onednn) if head is not None else None
     if tcfg.compile:
         # In place (nn.Module.compile): the module, its parameter names and its hooks stay as they
         # are, so the optimizer, checkpoints, DDP and the head hook above see the same model.
@@ -131,6 +134,14 @@ def setup(cfg: PipelineConfig, tokenized: Path, info: DistInfo, reference: Path 
     lengths = None if lengths is None else np.ascontiguousarray(lengths, dtype=np.int64).tobytes()
     return Run(cfg, info, task, method, model_meta, train_rows, validation_rows, replica, only_targets,
                trainable, total, flops_token, lengths, lr_multiplier(tcfg))
+
+
+def onednn_matmuls(tcfg: TrainConfig, info: DistInfo) -> bool:
+    """`train.cpu_matmul` resolved: linear layers through oneDNN on this CPU (train/cpu_matmul.py).
+    Not under torch.compile (inductor picks its own kernels) or DeepSpeed (ZeRO-3 replaces the
+    linear function with its own, to free gathered weights early)."""
+    return (info.device.type == "cpu" and not tcfg.compile and tcfg.strategy != "deepspeed"
+            and cpu_matmul.choose(tcfg.cpu_matmul) == "onednn")
 
 
 def fused_loss_applies(tcfg: TrainConfig, info: DistInfo) -> bool:

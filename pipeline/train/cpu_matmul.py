@@ -1,0 +1,132 @@
+"""Linear layers through oneDNN on CPU (`train.cpu_matmul`), where torch's BLAS leaves AVX-512 idle.
+
+torch's CPU matmul calls MKL, and MKL picks its AVX-512 kernels only on Intel processors: on an
+AMD EPYC (Zen 4 and 5 execute AVX-512) it runs its AVX2 ones. oneDNN, which torch also ships,
+picks kernels by instruction set, not vendor. Measured on 2 cores of an EPYC (Zen 5): a
+2048 x 2048 x 2048 fp32 matmul at 377 GFLOP/s through oneDNN against 118-167 through MKL; a linear
+layer of the quickstart's GPT-2, forward and backward, conversions included, 1.5-1.7x faster
+([2048 x 128] @ [128 x 384]: 2.4-2.6 ms against 4.0-4.3).
+
+`install(model)` routes every plain `nn.Linear` and transformers `Conv1D` (GPT-2's layers, weight
+stored [in, out]) through `_OneDnnLinear` whenever the call is fp32 on CPU outside autocast; any
+other call (bf16, a GPU, eval under autocast) takes torch's path as before. Weights, their names
+and the saved model are untouched: only the module's `forward` is replaced, on the instance.
+
+`choose(setting)`: `auto` is oneDNN on a CPU that is not Intel's and has AVX-512 (the case
+measured), else torch's. The choice is a function of the machine, not of a timing, so a resumed run
+takes the path the interrupted one took, and its weights stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import types
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@lru_cache(maxsize=None)
+def _cpu_flags() -> tuple[str, frozenset[str]]:
+    """(vendor_id, flags) of the first CPU in /proc/cpuinfo; ("", {}) where there is none (macOS)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "", frozenset()
+    fields = {}
+    for line in text.splitlines():
+        if not line.strip():
+            break  # the first processor's block
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return fields.get("vendor_id", ""), frozenset(fields.get("flags", "").split())
+
+
+def choose(setting: str) -> str:
+    """`train.cpu_matmul` resolved for this machine: "onednn" or "torch"."""
+    if setting != "auto":
+        return setting
+    if not torch.backends.mkldnn.is_available():
+        return "torch"
+    vendor, flags = _cpu_flags()
+    return "onednn" if vendor and vendor != "GenuineIntel" and "avx512f" in flags else "torch"
+
+
+def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    """x @ weight.T + bias, weight [out, in] (a transposed view is fine), forward and backward in oneDNN.
+
+    oneDNN takes its own tensor layout: each input is converted (a copy of the activations, small
+    beside the matmul) and each result converted back."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        out = torch._C._nn.mkldnn_linear(rows.to_mkldnn(), weight, bias).to_dense()
+        ctx.save_for_backward(rows, weight)
+        ctx.input_shape, ctx.has_bias = x.shape, bias is not None
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weight = ctx.saved_tensors
+        grad_rows = grad.reshape(-1, grad.shape[-1]).contiguous().to_mkldnn()
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            # dx = grad @ weight, a linear layer with weight.T as its [out, in] weight.
+            grad_x = torch._C._nn.mkldnn_linear(grad_rows, weight.t().contiguous(), None).to_dense().view(ctx.input_shape)
+        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+            grad_weight, grad_bias = torch.mkldnn_linear_backward_weights(grad_rows, rows.to_mkldnn(), weight, ctx.has_bias)
+            grad_weight = grad_weight if ctx.needs_input_grad[1] else None
+            grad_bias = grad_bias if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
+
+
+def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b.T (+ bias) for 2-D fp32 CPU tensors through oneDNN, no autograd (the fused loss's own backward)."""
+    return torch._C._nn.mkldnn_linear(a.contiguous().to_mkldnn(), b, bias).to_dense()
+
+
+def matmul_tn(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """a.T @ b for 2-D fp32 CPU tensors through oneDNN (a weight's gradient, shaped `like`), no autograd."""
+    return torch.mkldnn_linear_backward_weights(a.contiguous().to_mkldnn(), b.contiguous().to_mkldnn(), like, False)[0]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through oneDNN where it applies (fp32 on CPU outside autocast)."""
+    if _applies(x, weight):
+        return _OneDnnLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, self.weight, self.bias)
+
+
+def _conv1d_forward(self, x: torch.Tensor) -> torch.Tensor:
+    # transformers' Conv1D stores its weight [in, out]: x @ W + b is linear(x, W.T, b).
+    return linear(x, self.weight.t(), self.bias)
+
+
+def install(model: nn.Module) -> int:
+    """Route the model's `nn.Linear` and `Conv1D` layers through oneDNN (see the module docstring);
+    returns how many. Subclasses (quantized layers, LoRA's wrappers) are left alone; a wrapper that
+    calls a plain base layer gets it routed all the same."""
+    from transformers.pytorch_utils import Conv1D
+
+    routed = 0
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.forward = types.MethodType(_linear_forward, module)
+        elif type(module) is Conv1D:
+            module.forward = types.MethodType(_conv1d_forward, module)
+        else:
+            continue
+        routed += 1
+    return routed
