@@ -65,6 +65,22 @@ def test_resume_at_another_world_size_continues_at_the_same_sample(tmp_path, tok
     assert trained_samples(tmp_path / "out") == list(range(48))
 
 
+@pytest.mark.slow
+def test_compile_under_ddp_trains_the_eager_curve(tmp_path, tokenized):
+    """`train.compile` with two DDP ranks (gloo): dynamo splits the compiled graph at DDP's gradient
+    buckets so the all-reduces still overlap the backward; the losses are eager DDP's to rounding."""
+    import numpy as np
+
+    launcher = [*TORCHRUN, "--standalone", "--nproc_per_node", "2"]
+    common = ("train.max_steps=4", "train.log_every_steps=1", "model.dropout=0")  # compiled graphs draw other masks
+    run(train_command(tokenized, tmp_path / "eager", *common, launcher=launcher))
+    compiled = run(train_command(tokenized, tmp_path / "compiled", *common, "train.compile=true", launcher=launcher))
+    assert "world size 2" in compiled.stdout and "compile" in compiled.stdout
+    eager_losses, compiled_losses = train_losses(tmp_path / "eager" / "out"), train_losses(tmp_path / "compiled" / "out")
+    assert len(compiled_losses) == 4
+    np.testing.assert_allclose(compiled_losses, eager_losses, rtol=1e-4)
+
+
 def test_two_nodes_of_one_process_form_a_world_of_two(tmp_path, tokenized):
     port = free_port()
     launcher = lambda rank: [  # noqa: E731

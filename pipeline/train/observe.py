@@ -103,6 +103,8 @@ class Monitor:
             f"= {global_batch} rows of up to {block_size} tokens; {train_rows} train rows"
         )
         self.log(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
+        if cfg.compile:
+            self.log("torch.compile on: the first step waits for the compiler (about 45 s on 2 CPU cores, seconds from its cache)")
 
     def advance(self) -> None:
         """One more step trained (its numbers come later, with `step`)."""
