@@ -121,3 +121,10 @@ def test_lora_run_through_onednn_trains_torchs_curve(tmp_path, monkeypatch):
     onednn_losses = train_on_blocks(tmp_path / "onednn", *run, "train.cpu_matmul=onednn")
     assert calls, "no layer went through oneDNN"
     np.testing.assert_allclose(onednn_losses, torch_losses, rtol=1e-4)
+
+
+def test_onednn_asked_for_without_it_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(cpu_matmul, "onednn_available", lambda: False)
+    with pytest.raises(ValueError, match="train.cpu_matmul is onednn"):
+        cpu_matmul.choose("onednn")
+    assert cpu_matmul.choose("auto") == "torch"
