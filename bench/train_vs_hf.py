@@ -14,6 +14,10 @@ cosine to lr x min_lr_ratio), batch of 8 sequences, same number of steps:
                    longest in the batch (prompt labels -100, as ours)
   hf max_length    the same, every example padded to 256
 
+Ours runs with the opt-in `train.fast_cpu_dropout` and its defaults, among them `train.fused_activation`
+(GPT-2's GELU as one kernel) and `train.cpu_matmul: auto` (oneDNN's linear layers on a non-Intel CPU with
+AVX-512, where MKL runs AVX2 kernels); the data line says which matmul library ran. HF runs plain torch.
+
 Real tokens are non-padding tokens (ours: its own count; HF: the sum of attention_mask over the
 batches it trained on), over the seconds of the train loop (ours) or of the `train()` call (HF).
 With `--packing concat` (default, as the quickstart) or `bins` our 8 rows each hold several whole examples, so one step sees
@@ -46,6 +50,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
+from pipeline.train import cpu_matmul  # noqa: E402
 from pipeline.train.modeling import build_model  # noqa: E402
 from pipeline.stages import run_stages  # noqa: E402
 
@@ -228,7 +233,7 @@ def main() -> None:
         print(f"warning: HF examples hold {hf_tokens} train tokens, the tokenize stage wrote {ours_tokens}", file=sys.stderr)
     print(f"data: {len(train)} train / {len(validation)} validation examples, {hf_tokens:,} train tokens; "
           f"ours: packing {args.packing}, {meta['splits']['train']['rows']} rows of {args.block}; {args.steps} steps x {args.batch}; "
-          f"torch threads {torch.get_num_threads()}", flush=True)
+          f"torch threads {torch.get_num_threads()}; ours' CPU matmuls: {cpu_matmul.choose(cfg.train.cpu_matmul)}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="train_vs_hf_") as tmp:
         work = Path(tmp)
