@@ -39,6 +39,20 @@ def test_onednn_linear_matches_torch_forward_and_backward(bias, weight_layout):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["transposed", "strided_columns"])
+def test_inputs_that_are_views_give_torchs_results(layout):
+    torch.manual_seed(3)
+    x = torch.randn(5, 3, 24).transpose(0, 1) if layout == "transposed" else torch.randn(10, 48)[:, ::2]
+    x = x.detach().requires_grad_()  # a view still: detach keeps the strides
+    assert not x.is_contiguous()
+    weight = torch.randn(16, 24, requires_grad=True)
+    ours, ref = cpu_matmul.linear(x, weight), F.linear(x, weight)
+    grad_out = torch.randn_like(ref)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    for a, r in zip(torch.autograd.grad(ours, (x, weight), grad_out), torch.autograd.grad(ref, (x, weight), grad_out)):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
 def test_frozen_weight_gets_no_gradient_and_the_input_still_does():
     x = torch.randn(7, 8, requires_grad=True)
     weight = torch.randn(4, 8)  # frozen (LoRA's base layer)
