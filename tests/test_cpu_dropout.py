@@ -59,19 +59,7 @@ def _nothing_dropped(n, device):
 @pytest.mark.parametrize("query_block", [64, 4], ids=["one_block", "blocks_of_4"])
 @pytest.mark.parametrize("case", CASES)
 def test_attention_with_nothing_dropped_equals_transformers_sdpa(case, query_block, monkeypatch):
-    torch.manual_seed(2)
-    b, h, kv_heads, t, d = 3, 4, 2 if case == "grouped_query" else 4, 9, 8
-    q = torch.randn(b, h, t, d, requires_grad=True)
-    k = torch.randn(b, kv_heads, t, d, requires_grad=True)
-    v = torch.randn(b, kv_heads, t, d, requires_grad=True)
-    module = _Module(is_causal=case != "bidirectional", num_key_value_groups=h // kv_heads).train()
-    mask = None
-    if case in ("padding_bool_mask", "additive_float_mask"):
-        lengths = torch.tensor([9, 6, 3])
-        causal = torch.ones(t, t, dtype=torch.bool).tril()
-        mask = (causal[None] & (torch.arange(t)[None, None, :] < lengths[:, None, None]))[:, None]  # [b, 1, t, t]
-        if case == "additive_float_mask":
-            mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    module, q, k, v, mask = _qkv_and_mask(case, seed=2, length=9)
     # Nothing dropped: the 1/(1-p) scale is the only effect of p left, so compare at p and undo it.
     monkeypatch.setattr(cpu_dropout, "_uniform_bits", _nothing_dropped)
     monkeypatch.setattr(cpu_dropout, "QUERY_BLOCK", query_block)
@@ -84,18 +72,19 @@ def test_attention_with_nothing_dropped_equals_transformers_sdpa(case, query_blo
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
 
 
-def _qkv_and_mask(case: str, seed: int):
+def _qkv_and_mask(case: str, seed: int, length: int = 11):
+    """q, k, v [3, heads, length, 8] and the mask of `case`: rows of `length`, 6 and 3 real tokens."""
     torch.manual_seed(seed)
-    b, h, kv_heads, t, d = 3, 4, 2 if case == "grouped_query" else 4, 11, 8
+    b, h, kv_heads, t, d = 3, 4, 2 if case == "grouped_query" else 4, length, 8
     q = torch.randn(b, h, t, d, requires_grad=True)
     k = torch.randn(b, kv_heads, t, d, requires_grad=True)
     v = torch.randn(b, kv_heads, t, d, requires_grad=True)
     module = _Module(is_causal=case != "bidirectional", num_key_value_groups=h // kv_heads).train()
     mask = None
     if case in ("padding_bool_mask", "additive_float_mask"):
-        lengths = torch.tensor([11, 6, 3])
+        lengths = torch.tensor([t, 6, 3])
         causal = torch.ones(t, t, dtype=torch.bool).tril()
-        mask = (causal[None] & (torch.arange(t)[None, None, :] < lengths[:, None, None]))[:, None]
+        mask = (causal[None] & (torch.arange(t)[None, None, :] < lengths[:, None, None]))[:, None]  # [b, 1, t, t]
         if case == "additive_float_mask":
             mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
     return module, q, k, v, mask
