@@ -4,8 +4,8 @@ torch's CPU matmul calls MKL, and MKL picks its AVX-512 kernels only on Intel pr
 AMD EPYC (Zen 4 and 5 execute AVX-512) it runs its AVX2 ones. oneDNN, which torch also ships,
 picks kernels by instruction set, not vendor. Measured on 2 cores of an EPYC (Zen 5): a
 2048 x 2048 x 2048 fp32 matmul at 377 GFLOP/s through oneDNN against 118-167 through MKL; a linear
-layer of the quickstart's GPT-2, forward and backward, conversions included, 1.5-1.7x faster
-([2048 x 128] @ [128 x 384]: 2.4-2.6 ms against 4.0-4.3).
+layer of the quickstart's GPT-2, forward and backward, about 2x faster ([2048 x 128] @ [128 x 384]:
+1.75 ms against 3.4-3.5; [2048 x 64] @ [64 x 192], width 64: 0.60 against 0.93).
 
 `install(model)` routes every plain `nn.Linear` and transformers `Conv1D` (GPT-2's layers, weight
 stored [in, out]) through `_OneDnnLinear` whenever the call is fp32 on CPU outside autocast; any
