@@ -239,12 +239,9 @@ def _register() -> None:
 def install(model: nn.Module) -> int:
     """Swap the model's dropout for the cheaper one (see the module docstring); returns how many
     dropout modules were swapped. Call before wrapping the model for DDP or DeepSpeed."""
-    swapped = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Dropout and child.p > 0:
-                setattr(module, name, BitsDropout(child.p))
-                swapped += 1
+    from pipeline.train.modeling import replace_children
+
+    swapped = replace_children(model, lambda child: BitsDropout(child.p) if type(child) is nn.Dropout and child.p > 0 else None)
     _register()
     for module in model.modules():
         config = getattr(module, "config", None)

@@ -65,14 +65,16 @@ def choose(setting: str) -> str:
     return "onednn" if vendor and vendor != "GenuineIntel" and "avx512f" in flags else "torch"
 
 
-def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a product of x and weight can go through oneDNN here: fp32 on CPU, outside autocast and compiling."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
-def _dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T (+ bias) in oneDNN on ordinary (strided) tensors: no layout conversion, and a
-    transposed view as the weight costs nothing (the op inductor itself calls for CPU linears)."""
+def matmul_nt(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias), 2-D fp32 CPU tensors, in oneDNN on ordinary (strided) tensors, no autograd:
+    no layout conversion, and a transposed view as the weight costs nothing (the op inductor itself
+    calls for CPU linears)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -89,7 +91,7 @@ class _OneDnnLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         rows = x.reshape(-1, x.shape[-1])
-        out = _dense_linear(rows, weight, bias)
+        out = matmul_nt(rows, weight, bias)
         ctx.save_for_backward(rows, weight)
         ctx.input_shape, ctx.has_bias = x.shape, bias is not None
         return out.view(*x.shape[:-1], weight.shape[0])
@@ -101,17 +103,12 @@ class _OneDnnLinear(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             # dx = grad @ weight: a linear layer whose [out, in] weight is weight.T (a view).
-            grad_x = _dense_linear(grad_rows, weight.t(), None).view(ctx.input_shape)
+            grad_x = matmul_nt(grad_rows, weight.t()).view(ctx.input_shape)
         if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
             grad_weight, grad_bias = _weight_grad(grad_rows, rows, weight, ctx.has_bias)
             grad_weight = grad_weight if ctx.needs_input_grad[1] else None
             grad_bias = grad_bias if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias
-
-
-def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """a @ b.T (+ bias) for 2-D fp32 CPU tensors through oneDNN, no autograd (the fused loss's own backward)."""
-    return _dense_linear(a, b, bias)
 
 
 def matmul_tn(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -121,7 +118,7 @@ def matmul_tn(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.Ten
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, through oneDNN where it applies (fp32 on CPU outside autocast)."""
-    if _applies(x, weight):
+    if applies(x, weight):
         return _OneDnnLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 

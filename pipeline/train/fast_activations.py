@@ -17,15 +17,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from pipeline.train.modeling import replace_children
+
 
 def install(model: nn.Module) -> int:
     """Swap every `NewGELUActivation` in `model` for torch's tanh GELU; returns how many."""
     from transformers.activations import NewGELUActivation
 
-    swapped = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is NewGELUActivation:
-                setattr(module, name, nn.GELU(approximate="tanh"))
-                swapped += 1
-    return swapped
+    return replace_children(model, lambda child: nn.GELU(approximate="tanh") if type(child) is NewGELUActivation else None)

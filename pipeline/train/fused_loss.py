@@ -167,10 +167,6 @@ def _losses_and_grads(hidden, weight, bias, targets, compute_dtype, chunk_rows, 
     return row_loss, lse
 
 
-def _onednn_applies(onednn: bool, hidden_c: torch.Tensor) -> bool:
-    return onednn and hidden_c.device.type == "cpu" and hidden_c.dtype == torch.float32
-
-
 def _row_chunks(rows: int, chunk_rows: int):
     for start in range(0, rows, chunk_rows):
         yield slice(start, min(start + chunk_rows, rows))
@@ -183,7 +179,7 @@ def _cast_head(weight, bias, compute_dtype):
 def _fp32_logits(hidden_c, weight_c, bias_c, onednn: bool) -> torch.Tensor:
     """The chunk's logits in fp32, from a matmul in the compute dtype (what autocast's F.linear
     followed by `.float()` gives). The result is a fresh tensor the caller may overwrite."""
-    if _onednn_applies(onednn, hidden_c):
+    if onednn and cpu_matmul.applies(hidden_c, weight_c):
         return cpu_matmul.matmul_nt(hidden_c, weight_c, bias_c)
     logits = hidden_c @ weight_c.T if bias_c is None else torch.addmm(bias_c, hidden_c, weight_c.T)
     return logits.float()
@@ -228,9 +224,9 @@ class _GradSums:
         # The matmuls run in the compute dtype, as the unfused graph's backward does (bf16 tensor
         # cores on GPU); only this chunk's copy of the gradient is in that dtype.
         grad_logits = grad_logits.to(hidden_c.dtype)
-        if _onednn_applies(self.onednn, hidden_c):
+        if self.onednn and cpu_matmul.applies(hidden_c, weight_c):
             if self.hidden is not None:
-                self.hidden[rows] = cpu_matmul.matmul_nt(grad_logits, weight_c.t().contiguous())
+                self.hidden[rows] = cpu_matmul.matmul_nt(grad_logits, weight_c.t())  # a view: no copy of the head
             if self.weight is not None:
                 self.weight += cpu_matmul.matmul_tn(grad_logits, hidden_c, like=weight_c)
             return

@@ -143,6 +143,20 @@ def _pretrained(name: str, task: str, meta: dict, load_kwargs: dict) -> PreTrain
     return model
 
 
+def replace_children(model: torch.nn.Module, replacement) -> int:
+    """Swap every submodule for `replacement(child)` where that returns a module (None keeps the
+    child); returns how many were swapped. For weightless modules swapped for training only
+    (dropout, activations): the state dict and the saved model do not change."""
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            new = replacement(child)
+            if new is not None:
+                setattr(module, name, new)
+                swapped += 1
+    return swapped
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total), counting tied weights once."""
     seen, trainable, total = set(), 0, 0
