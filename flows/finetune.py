@@ -17,6 +17,8 @@ that can disagree with the first (a deleted output, a cache hit from another wor
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
@@ -24,9 +26,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run as this_flow_run
+from prefect.settings import get_current_settings
 
 from pipeline import artifacts, stages
 from pipeline.config import PipelineConfig, build_config
+from pipeline.machine_slots import take_slot
 from pipeline.run_report import markdown_report, run_name
 from pipeline.stages import StageResult
 
@@ -45,9 +49,24 @@ def _run_stage(name: str, fingerprint: str | None, cfg: PipelineConfig, parents:
     if limit is None or stages.committed(name, workdir, fingerprint) is not None:
         return stages.materialize(name, cfg, parents, workdir, fp=fingerprint)
     # Queue behind the pool's other train stages. A cached train (above) never waits for a slot.
-    print(f"[{name}] taking a slot of concurrency limit {limit!r} (queued while it is full)")
-    with concurrency(limit, occupy=1):
+    with _train_slot(limit, cfg, workdir):
         return stages.materialize(name, cfg, parents, workdir, fp=fingerprint)
+
+
+def _on_temporary_server() -> bool:
+    """No API URL: Prefect's client runs this flow on a temporary server of this process's own."""
+    return not get_current_settings().api.url
+
+
+def _train_slot(limit: str, cfg: PipelineConfig, workdir: str) -> AbstractContextManager:
+    if _on_temporary_server():
+        # A temporary server keeps leases in memory and never expires them, so a slot of a run
+        # killed mid-train stayed taken in the database for every later run. On one machine, slots
+        # that the kernel frees with their holder do the same job (pipeline/machine_slots.py).
+        folder = Path(get_current_settings().home) / "tunepipe" / "train-slots" / limit
+        return take_slot(folder, cfg.train.max_concurrent, f"flow run {this_flow_run.name!r} into {workdir}")
+    print(f"[train] taking a slot of concurrency limit {limit!r} (queued while it is full)")
+    return concurrency(limit, occupy=1)
 
 
 def stage_task(name: str):
@@ -129,6 +148,8 @@ def _train_limit(cfg: PipelineConfig) -> str:
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
     name = train_limit_name(_work_pool())
+    if _on_temporary_server():
+        return name  # slots on this machine (_train_slot), not a limit in Prefect's database
     with get_client(sync_client=True) as client:
         try:
             client.read_global_concurrency_limit_by_name(name)

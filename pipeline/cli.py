@@ -14,7 +14,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -202,10 +204,13 @@ def cmd_run(args, cfg: PipelineConfig) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     # The embedded server's SQLite file lives in PREFECT_HOME; Prefect does not create it.
     Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")).expanduser().mkdir(parents=True, exist_ok=True)
+    from flows.embedded_server import start_bound_to_this_process
     from flows.finetune import finetune
 
     if server:
         print(f"tunepipe: running on the Prefect server at {server}", file=sys.stderr)
+    else:
+        start_bound_to_this_process()
     if not args.debug:
         _one_line_failures()
     config = cfg.model_dump(mode="json")
@@ -317,6 +322,37 @@ def cmd_config(args, cfg: PipelineConfig) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is (see _unwind_on_sigterm)."""
+
+
+def _unwind_on_sigterm() -> None:
+    """SIGTERM (`kill`, a scheduler stopping the job) unwinds like Ctrl-C instead of ending the
+    process on the spot: a training job is asked to checkpoint first (train/stage.py), and exit
+    hooks run. Prefect swaps in its own handler while a flow runs, then re-sends the signal to this
+    one once it has marked the run crashed."""
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, raise_terminated)
+
+
+def _exit_within(seconds: float, code: int) -> None:
+    """Bound the exit after a stop. Prefect's exit hook drains its queue services and can wait
+    forever: seen with a run stopped while it queued for a slot of a full concurrency limit (the
+    slot request never completes). Exit hooks that finish in time run as usual."""
+
+    def leave() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    timer = threading.Timer(seconds, leave)
+    timer.daemon = True
+    timer.start()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command not in ("registry", "worker", "generate", "serve"):
@@ -334,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.artifacts import VERIFY_ENV
 
         os.environ[VERIFY_ENV] = "1"  # read where outputs are reused, in this process and its children
+    if args.command in ("run", "stage"):
+        _unwind_on_sigterm()
     try:
         if args.command == "registry":
             return cmd_registry(args)
@@ -345,6 +383,15 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve(args)
         commands = {"run": cmd_run, "stage": cmd_stage, "config": cmd_config, "slurm": cmd_slurm, "k8s": cmd_k8s, "deploy": cmd_deploy}
         return commands[args.command](args, cfg)
+    except KeyboardInterrupt as stop:
+        if args.debug:
+            raise
+        # 128 + the signal's number, as a shell reports a process ended by it.
+        name, code = ("SIGTERM", 143) if isinstance(stop, Terminated) else ("Ctrl-C", 130)
+        print(f"tunepipe: stopped by {name}; a rerun reuses every committed stage and resumes training "
+              "from its last checkpoint", file=sys.stderr)
+        _exit_within(30.0, code)
+        return code
     except Exception as e:
         if args.debug:
             raise

@@ -70,3 +70,62 @@ def test_kill_9_of_the_whole_run_leaves_no_process_of_it(tmp_path):
     saved = sorted(folder.glob("step_*"))
     time.sleep(2)
     assert sorted(folder.glob("step_*")) == saved  # nobody writes there any more
+
+
+HOLDER = """
+import subprocess, sys, time
+from pipeline.process_reaper import end_with_this_process
+target = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+end_with_this_process(target.pid)
+print(target.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_helper_ends_with_its_owner_even_under_kill_9():
+    """The watcher's pipe closes when its owner dies by any means; a helper in a session of its
+    own (out of reach of a group kill) still goes, and not before."""
+    owner = subprocess.Popen([sys.executable, "-c", HOLDER], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    helper = psutil.Process(int(owner.stdout.readline()))
+    try:
+        time.sleep(1.0)
+        assert helper.is_running() and helper.status() != psutil.STATUS_ZOMBIE  # its owner lives: left alone
+        owner.kill()
+        owner.wait()
+        helper.wait(timeout=10)  # raises psutil.TimeoutExpired if it lives on
+    finally:
+        if helper.is_running():
+            helper.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_a_signal_to_the_cli_alone_leaves_no_process_of_the_run(tmp_path, stop):
+    """`kill PID` (or kill -9) of `tunepipe run` alone, not its process group: Prefect's temporary
+    server, started by the CLI, and the training job go with it. SIGTERM first has the job write a
+    checkpoint and the CLI say so in one line; after either, the next run takes the train slot at once."""
+    workdir, env = tmp_path / "runs", {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    cmd = cli_command(*cli_args("run", workdir, tmp_path / "registry", **{"train.max_steps": 100000, "train.log_every_steps": 100000}))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: list(workdir.glob("scratch/train/*/checkpoints/step_*/COMPLETE")), 300, "a first checkpoint")
+        run = psutil.Process(proc.pid).children(recursive=True)
+        assert any("uvicorn" in " ".join(p.cmdline()) for p in run)  # the temporary server is the CLI's child
+        os.kill(proc.pid, stop)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in run) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [" ".join(p.cmdline()[:4]) for p in run if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
+    if stop == signal.SIGTERM:
+        assert proc.returncode == 143
+        assert "stop requested (SIGTERM): checkpoint at step" in out
+        assert err.strip().splitlines()[-1].startswith("tunepipe: stopped by SIGTERM; a rerun reuses every committed stage")
+    # The killed run held the train slot: the next one on this machine must not wait for it.
+    rerun = subprocess.run(cli_command(*cli_args("run", tmp_path / "runs2", tmp_path / "registry2", **{"train.max_steps": 10})),
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
