@@ -110,6 +110,13 @@ def test_registry_base_is_in_the_fingerprint_and_the_lineage(chain):
         lineage = json.loads((version / "lineage.json").read_text())
         assert lineage["train"]["content"]["base"]["registry_version"] == f"lm@{lm}"
         assert lineage["train"]["config"]["model"]["name"] == "registry://lm@production"
+        # PEFT records the trainer's local copy of the base; the published file names the version.
+        adapter_config = json.loads((version / "model" / "adapter_config.json").read_text())
+        assert adapter_config["base_model_name_or_path"] == f"registry://lm@{lm}"
+    scratch = one_version(chain["registry"], "scratch-lora")
+    base = json.loads((scratch / "base.json").read_text())["registry"]
+    adapter_config = json.loads((scratch / "model" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == f"registry://scratch-lora-base@{base['version']}"
 
 
 def test_moving_the_alias_changes_the_train_fingerprint(chain, tmp_path):

@@ -112,3 +112,23 @@ def pull_base(registry: str, pulled: Path) -> str | None:
         return f"the hub model {reference['hub']} (revision {reference.get('revision') or 'unrecorded'}), not in the registry"
     model, version = require_registry_ref(reference)
     return str(pull_version(base_registry(reference, registry), model, version, Path(pulled) / "base"))
+
+
+def adapter_base_name(base: dict) -> tuple[str, str | None]:
+    """How a published adapter_config.json names its base: the hub id and revision, or
+    `registry://MODEL@VERSION` (base.json says which registry). Never the trainer's local path,
+    which PEFT records and which means nothing on another machine."""
+    if "hub" in base:
+        return base["hub"], base.get("revision")
+    return f"registry://{base['registry']['model']}@{base['registry']['version']}", None
+
+
+def point_adapter_at(config_path: Path, base: str | None, revision: str | None) -> None:
+    """Rewrite adapter_config.json's base_model_name_or_path (and revision) to `base`."""
+    if base is None:
+        return
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = base
+    if revision:
+        config["revision"] = revision
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))

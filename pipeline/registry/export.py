@@ -39,7 +39,7 @@ def export(registry: str, reference: str, dest: Path, merge: bool = False) -> Pa
 def write_plain(registry: str, model: str, version: str, dest: Path, merge: bool = False, final: Path | None = None) -> None:
     """Write `model/version` into the existing empty folder `dest`. `final`: where `dest` will be
     renamed to (adapter_config.json must name the base's final place)."""
-    from pipeline.registry.base_records import read_base
+    from pipeline.registry.base_records import point_adapter_at, read_base
     from pipeline.registry.loading import base_copy, base_location, version_record
     from pipeline.registry.local_copy import local_copy
 
@@ -57,10 +57,10 @@ def write_plain(registry: str, model: str, version: str, dest: Path, merge: bool
         if "registry" in reference:
             (dest / "base").mkdir()
             write_whole_model(base_copy(copy, reference, registry), dest / "base")
-            _point_adapter_at(dest / "adapter_config.json", str((final or dest) / "base"), None)
+            point_adapter_at(dest / "adapter_config.json", str((final or dest) / "base"), None)
         else:
             base, kwargs = base_location(copy, registry)
-            _point_adapter_at(dest / "adapter_config.json", base, kwargs.get("revision"))
+            point_adapter_at(dest / "adapter_config.json", base, kwargs.get("revision"))
     else:
         raise RegistryError(f"{model}@{version} holds {record.get('trained_with', kind)} adapters, which are tunepipe's own "
                             "modules, not a Hugging Face format; load it with tunepipe (generate, serve, load_version)")
@@ -77,13 +77,3 @@ def _write_merged(copy: Path, registry: str, dest: Path, record: dict) -> None:
     loaded = load_copy(copy, registry)
     merged = loaded.model.merge_and_unload()
     merged.save_pretrained(dest, safe_serialization=True)
-
-
-def _point_adapter_at(config_path: Path, base: str | None, revision: str | None) -> None:
-    if base is None:
-        return
-    config = json.loads(config_path.read_text())
-    config["base_model_name_or_path"] = base
-    if revision:
-        config["revision"] = revision
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))

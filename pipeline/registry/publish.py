@@ -20,7 +20,7 @@ from pipeline import artifacts
 from pipeline.artifacts import MANIFEST, Artifact
 from pipeline.config import EvaluateConfig, ModelConfig, RegistryConfig
 from pipeline.registry import aliases
-from pipeline.registry.base_records import BASE_JSON, describe_base, publish_base
+from pipeline.registry.base_records import BASE_JSON, adapter_base_name, describe_base, point_adapter_at, publish_base
 from pipeline.registry.bases import TRAINED_JSON
 from pipeline.registry.card import write_card
 from pipeline.registry.store import publish_version
@@ -76,6 +76,8 @@ def run(registry: RegistryConfig, evaluate: EvaluateConfig, model: ModelConfig, 
     base = base_reference(inputs["train"], trained, model, registry, metrics.get("task", "causal_lm"), scratch)
     if base is not None:
         (bundle / BASE_JSON).write_text(json.dumps(base, indent=2, sort_keys=True))
+        if (bundle / "model" / "adapter_config.json").is_file():
+            point_adapter_at(bundle / "model" / "adapter_config.json", *adapter_base_name(base))
     write_card(
         bundle, model_name=registry.model_name, version=version, metrics=metrics, lineage=stages, config={**resolved, "registry": registry.model_dump(mode="json")},
         train_log=_read_jsonl(inputs["train"] / "train_log.jsonl"), train_stats=_read_json(inputs["train"] / "train_stats.json"),
