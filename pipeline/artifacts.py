@@ -28,6 +28,8 @@ from typing import Any
 
 import fsspec
 
+from pipeline.leftovers import make_private_folder, release
+
 MANIFEST = "manifest.json"
 _HASH_CHUNK = 1 << 20
 
@@ -289,13 +291,19 @@ class StageOutput:
         else:
             parent = Path(self.root) / self.stage
             parent.mkdir(parents=True, exist_ok=True)
-            self.path = Path(tempfile.mkdtemp(prefix=f".staging-{self.fingerprint[:16]}-", dir=parent))
+            # Claimed while this run lives; a killed run's staging folders of this stage are
+            # removed here by the next run (pipeline/leftovers.py), whatever their fingerprint.
+            self.path = make_private_folder(parent, ".staging-", log=lambda line: print(f"[{self.stage}] {line}", flush=True))
         return self.path
 
     def abandon(self) -> None:
-        """Remove this run's own staging folder (the run failed)."""
-        if self.path is not None:
+        """Remove this run's own staging folder (the run failed, or it was renamed into place)."""
+        if self.path is None:
+            return
+        if is_remote(self.root):
             shutil.rmtree(self.path, ignore_errors=True)
+        else:
+            release(self.path)
 
     def commit(self, stats: dict[str, Any], record: dict[str, Any]) -> Artifact:
         """Commit, or find that a concurrent run committed this output first; returns the committed artifact."""

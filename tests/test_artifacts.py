@@ -97,16 +97,18 @@ def test_verify_and_load_refuse_an_uncommitted_folder(tmp_path):
     assert "not committed" in problem
 
 
-def test_a_killed_runs_staging_folder_is_left_alone(tmp_path):
-    killed = StageOutput(str(tmp_path), "demo", "fp1")
-    write_tree(killed.prepare(), FILES)  # ...and the run dies here
+def test_a_live_runs_staging_folder_is_left_alone(tmp_path):
+    """A writer that has not committed yet (here: in this process, so surely alive). A killed
+    writer's folder is removed by the next one: tests/test_leftovers.py."""
+    live = StageOutput(str(tmp_path), "demo", "fp1")
+    write_tree(live.prepare(), FILES)
     again = StageOutput(str(tmp_path), "demo", "fp1")
-    assert again.prepare() != killed.path  # a staging folder of its own
+    assert again.prepare() != live.path  # a staging folder of its own
     write_tree(again.path, FILES)
     artifact = again.commit({"rows": 3}, {})
 
     assert artifact.url == str(tmp_path / "demo" / "fp1") and artifacts.verify(artifact.url) == []
-    assert sorted(p.relative_to(killed.path).as_posix() for p in killed.path.rglob("*") if p.is_file()) == sorted(FILES)
+    assert sorted(p.relative_to(live.path).as_posix() for p in live.path.rglob("*") if p.is_file()) == sorted(FILES)
     assert not again.path.exists()  # its own staging became the output
 
 

@@ -143,6 +143,7 @@ def kill_and_resume(tmp_path: Path, steps: dict) -> dict:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not list(workdir.glob("train/*/manifest.json")), "training finished before the kill: nothing was tested"
+    [left] = [p for p in workdir.glob("train/.staging-*") if p.is_dir()]  # the killed run's, beside its .claim
 
     summary = summary_of(run_cli(cli_args("stage", workdir, registry, "publish", **steps)))
     status = stage_status(summary)
@@ -154,6 +155,7 @@ def kill_and_resume(tmp_path: Path, steps: dict) -> dict:
     assert sha256(published_weights(registry)) == sha256(published_weights(tmp_path / "reg-clean"))
     log = lambda w: (next(Path(w).glob("train/*/train_log.jsonl"))).read_text()  # noqa: E731
     assert log(workdir) == log(tmp_path / "clean"), "per-step losses differ after resume"
+    assert not left.exists() and not list(workdir.glob("*/.staging-*"))  # removed by the rerun (pipeline/leftovers.py)
     return summary
 
 

@@ -15,12 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 from pipeline import artifacts
 from pipeline.artifacts import MANIFEST, ArtifactError
+from pipeline.leftovers import make_private_folder, release
 from pipeline.registry.names import RegistryError, check_name, version_url
 
 CACHE_ENV = "TUNEPIPE_REGISTRY_CACHE"
@@ -47,13 +46,14 @@ def local_copy(registry: str, model: str, version: str) -> Path:
     if not _reusable(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
         # Each puller pulls into a folder of its own, then renames it onto `dest`: the first wins.
-        mine = dest.parent / f".copy-{uuid.uuid4().hex}"
+        # A killed puller's folder is removed by the next one (pipeline/leftovers.py).
+        mine = make_private_folder(dest.parent, ".copy-")
         try:
             pull_version(registry, model, version, mine)
             _record_mtimes(mine)
             _rename_or_lose(mine, dest)
         finally:
-            shutil.rmtree(mine, ignore_errors=True)
+            release(mine)
     return dest
 
 
@@ -64,14 +64,13 @@ def derived_folder(registry: str, model: str, version: str, kind: str, build) ->
     dest = version_cache(registry, model, version) / kind
     if not _reusable(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
-        mine = dest.parent / f".{kind}-{uuid.uuid4().hex}"
+        mine = make_private_folder(dest.parent, f".{kind}-")
         try:
-            mine.mkdir()
             build(mine)
             (mine / MANIFEST).write_text(json.dumps({"files": artifacts.file_entries(mine, mtimes=True)}, indent=1, sort_keys=True))
             _rename_or_lose(mine, dest)
         finally:
-            shutil.rmtree(mine, ignore_errors=True)
+            release(mine)
     return dest
 
 
@@ -147,14 +146,12 @@ def pull_version(registry: str, model_name: str, version: str, dest: Path) -> Pa
 def into_new_folder(dest: Path, doing: str, fill) -> Path:
     """`fill(partial)` a folder beside `dest`, then rename it onto `dest` (absent or empty, checked
     by the caller): `dest` is never half-made, and what was there is never deleted."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.parent / f".{dest.name}.{doing}-{uuid.uuid4().hex}"
+    partial = make_private_folder(dest.parent, f".{dest.name}.{doing}-")
     try:
-        partial.mkdir()
         fill(partial)
         if dest.exists():
             dest.rmdir()  # empty, checked by the caller
         os.rename(partial, dest)
     finally:
-        shutil.rmtree(partial, ignore_errors=True)
+        release(partial)
     return dest
