@@ -261,13 +261,14 @@ def check_files(url: str, manifest: dict[str, Any], full: bool = False) -> None:
 class StageOutput:
     """The folder a stage run writes into, made visible by `commit()` in one atomic, exclusive step.
 
-    Local roots: the stage writes into its own `<root>/<stage>/.staging-<fp>-<random>/`, beside its
+    Local roots: the stage writes into its own `<root>/<stage>/.staging-<random>/`, beside its
     final place, and commit renames it onto `<root>/<stage>/<fingerprint>/` (`commit_staged`).
     Remote roots: it writes into a local temporary folder that commit uploads under a name of its
     own and then points a conditionally created manifest at (`commit_upload`). Either way, of two
     runs writing the same output at once, one commits and the other removes only its own files
-    and reads the winner's; no run ever deletes a folder it did not create, and a killed run
-    leaves its staging folder behind, never a half-made output.
+    and reads the winner's; a killed run leaves its staging folder behind, never a half-made
+    output, and a local one is removed by the next run of the stage once provably dead (its claim
+    is free: pipeline/leftovers.py); no run deletes a live run's folder.
     """
 
     def __init__(self, root: str, stage: str, fp: str):

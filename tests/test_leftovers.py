@@ -87,3 +87,22 @@ def test_a_killed_pull_into_the_local_cache_is_cleared_by_the_next_pull(tmp_path
     copy = local_copy.local_copy("reg", "m", "v1")
     assert copy == parent / "copy" and not half.exists()
     assert sorted(p.name for p in parent.iterdir()) == ["copy"]
+
+
+def test_a_killed_publishers_copy_is_removed_by_the_next_publish_of_that_model(tmp_path):
+    from pipeline.registry.store import publish_version
+
+    model_folder = tmp_path / "registry" / "demo"
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+                             "from pipeline.leftovers import make_private_folder\n"
+                             "f = make_private_folder(Path(sys.argv[1]), '.staging-v1-'); (f / 'model.safetensors').write_bytes(b'w' * 1000)\n"
+                             "print(f, flush=True); time.sleep(120)", str(model_folder)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    half = Path(proc.stdout.readline().strip())
+    proc.kill()
+    proc.wait()
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "weights.bin").write_bytes(b"w" * 1000)
+    url, written = publish_version(bundle, str(tmp_path / "registry"), "demo", "v2", {"run": "2"})
+    assert written and not half.exists()
+    assert sorted(p.name for p in model_folder.iterdir()) == ["v2"]

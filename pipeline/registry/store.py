@@ -12,7 +12,9 @@ exactly one wins and the others are told (or, publishing the same content, find 
   mode="create"); the store accepts one such put per key.
 
 A publisher removes only what it wrote itself (its staging folder or upload, after losing or
-failing); a folder it did not create is never deleted. Works on a local folder or an s3:// URL.
+failing); a folder it did not create is never deleted, except a killed publisher's staging
+folder on this host, which the next publisher of that model removes (pipeline/leftovers.py).
+Works on a local folder or an s3:// URL.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
 from pipeline import artifacts
 from pipeline.artifacts import MANIFEST, ArtifactError
+from pipeline.leftovers import make_private_folder, release
 from pipeline.registry.aliases import aliases_of
 from pipeline.registry.local_copy import pull_version  # noqa: F401 (the registry's API; lives beside the copies it makes)
 from pipeline.registry.names import NAME_RULE, RegistryError, VersionExists, check_name, version_url  # noqa: F401 (the registry's API)
@@ -76,14 +78,15 @@ def _committed_manifest(url: str) -> dict | None:
 def _commit_local(local: Path, final: Path, manifest: dict) -> bool:
     """Copy into a staging folder beside the version, then rename it onto the version."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".staging-{final.name}-{uuid.uuid4().hex}"
+    # Claimed while this publisher lives: a killed publisher's copy is removed by the next one.
+    staging = make_private_folder(final.parent, ".staging-")  # any version's leftovers, not only this one's
     try:
-        shutil.copytree(local, staging)
+        shutil.copytree(local, staging, dirs_exist_ok=True)
         return artifacts.commit_staged(staging, final, manifest)
     except ArtifactError as e:
         raise RegistryError(str(e)) from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)  # ours; gone already after a won rename
+        release(staging)  # ours; gone already after a won rename
 
 
 def _commit_remote(local: Path, url: str, manifest: dict) -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import artifacts
+from pipeline.leftovers import make_private_folder, release
 
 JOB_STAGE = "train-job"
 
@@ -46,7 +47,8 @@ class JobOutput:
         else:
             parent = Path(where).parent
             parent.mkdir(parents=True, exist_ok=True)
-            self.path = Path(tempfile.mkdtemp(prefix=".staging-output-", dir=parent))
+            # Claimed while this rank lives: a killed job's folder is removed by the next job on this host.
+            self.path = make_private_folder(parent, ".staging-output-")
 
     def commit(self, stats: dict[str, Any]) -> None:
         if not (self.commit_at_end and self.is_main):
@@ -58,11 +60,17 @@ class JobOutput:
             else:
                 artifacts.commit_staged(self.path, Path(self.where), manifest)
         finally:
-            shutil.rmtree(self.path, ignore_errors=True)
+            self._remove()
 
     def abandon(self) -> None:
         if self.commit_at_end and self.is_main:
+            self._remove()
+
+    def _remove(self) -> None:
+        if artifacts.is_remote(self.where):
             shutil.rmtree(self.path, ignore_errors=True)
+        else:
+            release(self.path)
 
 
 def committed(where: str) -> dict[str, Any] | None:
