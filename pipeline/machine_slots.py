@@ -23,6 +23,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
+from pipeline.run_lock import say_who_holds
+
 POLL_S = 1.0
 
 
@@ -47,10 +49,7 @@ def take_slot(folder: Path, count: int, holder: str, log: Callable[[str], None] 
     with slot:
         if waited is not None:
             log(f"train slot: taken after {time.monotonic() - waited:.0f}s in the queue")
-        slot.seek(0)
-        slot.truncate()
-        slot.write(f"{holder} (pid {os.getpid()} on {socket.gethostname()}, since {datetime.now():%H:%M:%S})\n")
-        slot.flush()
+        say_who_holds(slot, f"{holder} (pid {os.getpid()} on {socket.gethostname()}, since {datetime.now():%H:%M:%S})")
         try:
             yield
         finally:

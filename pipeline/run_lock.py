@@ -14,7 +14,7 @@ import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TextIO
 
 
 @contextmanager
@@ -31,11 +31,16 @@ def held(path: Path, what: str, log: Callable[[str], None] = print) -> Iterator[
             waited = time.monotonic()
             fcntl.flock(file, fcntl.LOCK_EX)
             log(f"{what}: lock acquired after {time.monotonic() - waited:.0f}s")
-        file.seek(0)
-        file.truncate()
-        file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        file.flush()
+        say_who_holds(file, f"pid {os.getpid()} on {socket.gethostname()}")
         try:
             yield
         finally:
             fcntl.flock(file, fcntl.LOCK_UN)
+
+
+def say_who_holds(file: TextIO, holder: str) -> None:
+    """Replace the text of a lock file its holder has locked: what a waiter prints."""
+    file.seek(0)
+    file.truncate()
+    file.write(holder + "\n")
+    file.flush()

@@ -32,6 +32,19 @@ def start_writer(root: Path) -> tuple[subprocess.Popen, Path]:
     return proc, Path(proc.stdout.readline().strip())
 
 
+def killed_writer(parent: Path, prefix: str) -> Path:
+    """A private folder with a file in it, made by a process then killed with SIGKILL."""
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+                             "from pipeline.leftovers import make_private_folder\n"
+                             "f = make_private_folder(Path(sys.argv[1]), sys.argv[2]); (f / 'model.safetensors').write_bytes(b'w' * 1000)\n"
+                             "print(f, flush=True); time.sleep(120)", str(parent), prefix], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    half = Path(proc.stdout.readline().strip())
+    proc.kill()
+    proc.wait()
+    assert (half / "model.safetensors").exists()
+    return half
+
+
 def test_a_killed_stages_staging_folder_is_removed_by_the_next_run_and_a_live_ones_is_not(tmp_path, capsys):
     killed, killed_path = start_writer(tmp_path)
     live, live_path = start_writer(tmp_path)
@@ -75,13 +88,7 @@ def test_a_killed_pull_into_the_local_cache_is_cleared_by_the_next_pull(tmp_path
     from pipeline.registry import local_copy
 
     parent = tmp_path / "cache" / "v1"
-    proc = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
-                             "from pipeline.leftovers import make_private_folder\n"
-                             "f = make_private_folder(Path(sys.argv[1]), '.copy-'); (f / 'model.safetensors').write_bytes(b'w' * 1000)\n"
-                             "print(f, flush=True); time.sleep(120)", str(parent)], cwd=REPO, stdout=subprocess.PIPE, text=True)
-    half = Path(proc.stdout.readline().strip())
-    proc.kill()
-    proc.wait()
+    half = killed_writer(parent, ".copy-")
     monkeypatch.setattr(local_copy, "version_cache", lambda registry, model, version: parent)
     monkeypatch.setattr(local_copy, "pull_version", lambda registry, model, version, dest: (dest / "manifest.json").write_text('{"files": {}}'))
     copy = local_copy.local_copy("reg", "m", "v1")
@@ -93,13 +100,7 @@ def test_a_killed_publishers_copy_is_removed_by_the_next_publish_of_that_model(t
     from pipeline.registry.store import publish_version
 
     model_folder = tmp_path / "registry" / "demo"
-    proc = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
-                             "from pipeline.leftovers import make_private_folder\n"
-                             "f = make_private_folder(Path(sys.argv[1]), '.staging-v1-'); (f / 'model.safetensors').write_bytes(b'w' * 1000)\n"
-                             "print(f, flush=True); time.sleep(120)", str(model_folder)], cwd=REPO, stdout=subprocess.PIPE, text=True)
-    half = Path(proc.stdout.readline().strip())
-    proc.kill()
-    proc.wait()
+    half = killed_writer(model_folder, ".staging-v1-")
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "weights.bin").write_bytes(b"w" * 1000)
