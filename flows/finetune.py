@@ -64,7 +64,8 @@ def _train_slot(limit: str, cfg: PipelineConfig, workdir: str) -> AbstractContex
         # killed mid-train stayed taken in the database for every later run. On one machine, slots
         # that the kernel frees with their holder do the same job (pipeline/machine_slots.py).
         folder = Path(get_current_settings().home) / "tunepipe" / "train-slots" / limit
-        return take_slot(folder, cfg.train.max_concurrent, f"flow run {this_flow_run.name!r} into {workdir}")
+        return take_slot(folder, cfg.train.max_concurrent, f"flow run {this_flow_run.name!r} into {workdir}",
+                         log=lambda line: print(f"[train] {line}", flush=True))
     print(f"[train] taking a slot of concurrency limit {limit!r} (queued while it is full)")
     return concurrency(limit, occupy=1)
 

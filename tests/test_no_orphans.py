@@ -103,20 +103,33 @@ def test_a_helper_ends_with_its_owner_even_under_kill_9():
 def test_a_signal_to_the_cli_alone_leaves_no_process_of_the_run(tmp_path, stop):
     """`kill PID` (or kill -9) of `tunepipe run` alone, not its process group: Prefect's temporary
     server, started by the CLI, and the training job go with it. SIGTERM first has the job write a
-    checkpoint and the CLI say so in one line; after either, the next run takes the train slot at once."""
+    checkpoint and the CLI say so in one line. A second run, queued for the train slot meanwhile
+    (naming the holder), takes it at once after either."""
     workdir, env = tmp_path / "runs", {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "prefect")
     cmd = cli_command(*cli_args("run", workdir, tmp_path / "registry", **{"train.max_steps": 100000, "train.log_every_steps": 100000}))
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    second_log = tmp_path / "second.log"
+    second = None
     try:
         wait_for(lambda: list(workdir.glob("scratch/train/*/checkpoints/step_*/COMPLETE")), 300, "a first checkpoint")
         run = psutil.Process(proc.pid).children(recursive=True)
         assert any("uvicorn" in " ".join(p.cmdline()) for p in run)  # the temporary server is the CLI's child
+        second = subprocess.Popen(cli_command(*cli_args("run", tmp_path / "runs2", tmp_path / "registry2", **{"train.max_steps": 10})),
+                                  cwd=REPO, env=env, stdout=second_log.open("w"), stderr=subprocess.STDOUT)
+        queued = wait_for(lambda: [line for line in second_log.read_text().splitlines() if "queued until one frees" in line], 300,
+                          "the second run to queue for the train slot")
+        assert f"[train] train slot: 1 of 1 taken, by flow run 'tiny-" in queued[0] and f" into {workdir} (pid {proc.pid} on " in queued[0]
         os.kill(proc.pid, stop)
         out, err = proc.communicate(timeout=120)
+        assert second.wait(timeout=300) == 0, second_log.read_text()[-2000:]  # the slot freed by either signal
     finally:
+        for p in (proc, second):
+            if p is not None and p.poll() is None:
+                p.kill()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    assert "[train] train slot: taken after " in second_log.read_text()
     deadline = time.monotonic() + 15
     while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in run) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -125,7 +138,3 @@ def test_a_signal_to_the_cli_alone_leaves_no_process_of_the_run(tmp_path, stop):
         assert proc.returncode == 143
         assert "stop requested (SIGTERM): checkpoint at step" in out
         assert err.strip().splitlines()[-1].startswith("tunepipe: stopped by SIGTERM; a rerun reuses every committed stage")
-    # The killed run held the train slot: the next one on this machine must not wait for it.
-    rerun = subprocess.run(cli_command(*cli_args("run", tmp_path / "runs2", tmp_path / "registry2", **{"train.max_steps": 10})),
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
