@@ -165,19 +165,23 @@ LONGEST_FIRST = (
 
 
 def pytest_configure(config):
-    """Registry copies (pipeline/registry/local_copy.py) go to a folder of this session, never the
-    user's ~/.cache; subprocesses inherit it."""
+    """Registry copies (pipeline/registry/local_copy.py) and remembered file digests
+    (pipeline/file_digests.py) go to folders of this session, never the user's ~/.cache;
+    subprocesses inherit them."""
     import tempfile
 
-    if "TUNEPIPE_REGISTRY_CACHE" not in os.environ:
-        config._registry_cache = os.environ["TUNEPIPE_REGISTRY_CACHE"] = tempfile.mkdtemp(prefix="tunepipe-registry-cache-")
+    config._session_caches = []
+    for env, prefix in (("TUNEPIPE_REGISTRY_CACHE", "tunepipe-registry-cache-"), ("TUNEPIPE_DIGEST_CACHE", "tunepipe-digests-")):
+        if env not in os.environ:
+            os.environ[env] = tempfile.mkdtemp(prefix=prefix)
+            config._session_caches.append(os.environ[env])
 
 
 def pytest_unconfigure(config):
     import shutil
 
-    if getattr(config, "_registry_cache", None):
-        shutil.rmtree(config._registry_cache, ignore_errors=True)
+    for folder in getattr(config, "_session_caches", []):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -34,7 +34,7 @@ def fingerprint(stage: str, raw: dict, *overrides: str) -> str:
         ("train", {}, "train.deepspeed_config=zero3"),  # strategy ddp
         ("train", {"train": {"method": "lora"}}, "train.trainable_blocks=5"),  # only freeze reads it
         ("train", {}, "train.eval_batches=3"),  # no validation during training
-        ("train", {"model": {"init": "pretrained", "name": "x"}}, "model.n_layer=12"),
+        ("train", {"model": {"init": "pretrained", "name": MINILM}}, "model.n_layer=12"),
         ("train", {}, "model.name=bert-base-uncased"),  # init scratch
         ("tokenize", {"model": {"init": "pretrained", "name": MINILM}}, "tokenize.vocab_size=5000"),
         ("ingest", {}, "data.text_column=body"),  # template prompt_response reads prompt and response

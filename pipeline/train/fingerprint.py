@@ -7,9 +7,11 @@ then never pays torch's import. Library versions come from package metadata for 
 from __future__ import annotations
 
 import importlib.metadata
+from pathlib import Path
 
 from pipeline.config import ModelConfig, SlurmConfig, TrainConfig
-from pipeline.registry.bases import registry_base
+from pipeline.file_digests import folder_digests
+from pipeline.registry.bases import SCHEME, registry_base
 
 
 def library_versions() -> dict[str, str]:
@@ -24,10 +26,31 @@ def registry_base_content(model: ModelConfig) -> dict:
     return {} if base is None else {"base": {"registry_version": base.reference, "manifest_sha256": base.manifest_sha256}}
 
 
+def pretrained_base_content(model: ModelConfig) -> dict:
+    """A local folder's file digests, or a hub id's commit. The name alone was the key before:
+    weights re-saved into the same folder, or a new commit pushed under the same hub id, reused the
+    model tuned from the old ones. (A registry base: registry_base_content.)"""
+    if model.init != "pretrained" or model.name.startswith(SCHEME):
+        return {}
+    folder = Path(model.name).expanduser()
+    if folder.is_dir():
+        return {"base": {"files": folder_digests(folder)}}
+    return {"base": {"hub": model.name, "revision": hub_commit(model.name)}}
+
+
+def hub_commit(name: str) -> str:
+    """The commit a hub id resolves to now: online, the hub's main; offline (HF_HUB_OFFLINE=1),
+    the cached one. A commit's files never change, so it stands for their bytes. Only config.json
+    is fetched: the weights download when training loads them."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name, allow_patterns=["config.json"])).name
+
+
 def content_fingerprint(model: ModelConfig, train: TrainConfig, slurm: SlurmConfig) -> dict[str, str]:
-    """Library versions, a registry base's version, and the DeepSpeed JSON a run uses, which may be
-    a user's own file edited between runs."""
-    found = {**library_versions(), **registry_base_content(model)}
+    """Library versions, the base's exact bytes (a registry version, a folder's digests, a hub
+    commit), and the DeepSpeed JSON a run uses, which may be a user's own file edited between runs."""
+    found = {**library_versions(), **registry_base_content(model), **pretrained_base_content(model)}
     if train.strategy == "deepspeed":
         from pipeline.train.parallel.zero_config import config_digest
 

@@ -25,15 +25,15 @@ import numpy as np
 from pipeline.config import ModelConfig
 from pipeline.config.pipeline import ReferenceSpec
 from pipeline.data.loader import REFERENCE_LOGPS, open_split
-from pipeline.train.fingerprint import library_versions, registry_base_content
+from pipeline.train.fingerprint import library_versions, pretrained_base_content, registry_base_content
 
 SPLITS = ("train", "validation", "test")
 PAIRS_PER_BATCH = 8
 
 
 def content_fingerprint(model: ModelConfig, spec: ReferenceSpec) -> dict:
-    """As train's: library versions (they move the last digits) and a registry base's exact version."""
-    return {**library_versions(), **registry_base_content(model)}
+    """As train's: library versions (they move the last digits) and the base's exact bytes."""
+    return {**library_versions(), **registry_base_content(model), **pretrained_base_content(model)}
 
 
 def run(model: ModelConfig, spec: ReferenceSpec, *, inputs: dict[str, Path], out: Path, scratch: Path) -> dict:
