@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny import REPO
+from tiny import REPO, cli_args, cli_command, summary_of
 
 from pipeline import file_digests
 from pipeline.config import build_config
@@ -30,9 +30,12 @@ def save_base(folder: Path, seed: int) -> None:
     from pipeline.data.text_tokenizer import build_tokenizer
 
     texts = (REPO / "examples" / "data" / "support.csv").read_text().splitlines()[:200]
-    build_tokenizer(ModelConfig(), TokenizeConfig(vocab_size=300), texts).save_pretrained(folder)
+    tokenizer = build_tokenizer(ModelConfig(), TokenizeConfig(vocab_size=300), texts)
+    tokenizer.save_pretrained(folder)
     torch.manual_seed(seed)
-    GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=64, n_embd=16, n_layer=1, n_head=2)).save_pretrained(folder)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=16, n_layer=1, n_head=2,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(folder)
 
 
 def train_fingerprint(name: str) -> str:
@@ -82,25 +85,66 @@ print(json.dumps({"train": plan(cfg, "train")["train"], "content": pretrained_ba
 """ % DATA
 
 
+def offline(cache: Path, **extra: str) -> dict:
+    return {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra}
+
+
+def hub_cache(tmp_path: Path, commits: list[str]) -> Path:
+    """A hub cache as huggingface_hub lays it out, holding tunepipe-test/tiny-gpt2 at `commits`,
+    main at the last."""
+    cache = tmp_path / "hub"
+    repo = cache / "models--tunepipe-test--tiny-gpt2"
+    for seed, commit in enumerate(commits):
+        save_base(repo / "snapshots" / commit, seed)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commits[-1])
+    return cache
+
+
 def hub_plan(cache: Path) -> dict:
-    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", HUB_PLAN], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", HUB_PLAN], cwd=REPO, env=offline(cache), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.integration
 def test_a_new_commit_under_the_same_hub_id_retrains(tmp_path):
-    cache = tmp_path / "hub"
-    repo = cache / "models--tunepipe-test--tiny-gpt2"
     commits = ["1" * 40, "2" * 40]
-    for seed, commit in enumerate(commits):
-        save_base(repo / "snapshots" / commit, seed)
-    (repo / "refs").mkdir()
+    cache = hub_cache(tmp_path, commits)
     plans = []
     for commit in commits:
-        (repo / "refs" / "main").write_text(commit)
+        (cache / "models--tunepipe-test--tiny-gpt2" / "refs" / "main").write_text(commit)
         plans.append(hub_plan(cache))
     assert [p["content"] for p in plans] == [{"base": {"hub": "tunepipe-test/tiny-gpt2", "revision": c}} for c in commits]
     assert plans[0]["train"] != plans[1]["train"]
     assert hub_plan(cache)["train"] == plans[1]["train"]  # the same commit: the same key
+
+
+@pytest.mark.integration
+def test_an_adapter_on_a_hub_base_publishes_its_commit_and_generates_from_the_registry(tmp_path):
+    """The hub path end to end, offline: LoRA on a hub id, published with base.json and an
+    adapter_config.json naming the id and commit; then a process with the hub cache and the
+    registry alone (no workdir, an empty registry cache) generates what the evaluate stage did."""
+    commit = "3" * 40
+    cache = hub_cache(tmp_path, [commit])
+    registry = tmp_path / "registry"
+    args = cli_args("stage", tmp_path / "runs", registry, "publish", **{
+        "model.init": "pretrained", "model.name": "tunepipe-test/tiny-gpt2", "train.method": "lora", "train.max_steps": 10})
+    proc = subprocess.run(cli_command(*args), cwd=REPO, env=offline(cache), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {s["name"]: s["status"] for s in summary_of(proc)["stages"]}["publish"] == "ran"
+    [version] = [p for p in (registry / "tiny").iterdir() if not p.name.startswith(".")]
+    assert json.loads((version / "base.json").read_text()) == {"hub": "tunepipe-test/tiny-gpt2", "revision": commit}
+    adapter_config = json.loads((version / "model" / "adapter_config.json").read_text())
+    assert (adapter_config["base_model_name_or_path"], adapter_config["revision"]) == ("tunepipe-test/tiny-gpt2", commit)
+    lineage = json.loads((version / "lineage.json").read_text())
+    assert lineage["train"]["content"]["base"] == {"hub": "tunepipe-test/tiny-gpt2", "revision": commit}
+
+    sample = json.loads((version / "metrics.json").read_text())["generations"][0]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    generated = subprocess.run(
+        cli_command("generate", "tiny@latest", "--registry", str(registry), "--raw", "--prompt", sample["prompt"], "--max-new-tokens", "8"),
+        cwd=elsewhere, env=offline(cache, TUNEPIPE_REGISTRY_CACHE=str(tmp_path / "empty-cache")), capture_output=True, text=True, timeout=300)
+    assert generated.returncode == 0, generated.stderr[-2000:]
+    assert generated.stdout == sample["tuned"] + "\n", (generated.stdout, sample)

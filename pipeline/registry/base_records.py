@@ -19,14 +19,16 @@ from pathlib import Path
 from pipeline import artifacts
 from pipeline.artifacts import MANIFEST
 from pipeline.config import ModelConfig
-from pipeline.registry.bases import TRAINED_JSON, registry_base, version_layout
+from pipeline.registry.bases import TRAINED_JSON, hub_commit, registry_base, version_layout
 from pipeline.registry.names import RegistryError, version_url
 
 BASE_JSON = "base.json"
 
 
-def describe_base(model: ModelConfig) -> dict | None:
-    """What `base.json` says for a model trained from `model`: None for a scratch model."""
+def describe_base(model: ModelConfig, trained_from: dict | None = None) -> dict | None:
+    """What `base.json` says for a model trained from `model`: None for a scratch model.
+    `trained_from`: the base part of the train stage's recorded content (train/fingerprint.py),
+    whose hub commit is the one trained from, even if the hub has moved on since."""
     if model.init == "scratch":
         return None
     base = registry_base(model)
@@ -34,18 +36,9 @@ def describe_base(model: ModelConfig) -> dict | None:
         return {"registry": {"model": base.model, "version": base.version}, "url": base.registry}
     if Path(model.name).is_dir():
         return {"path": str(Path(model.name).resolve())}
-    return {"hub": model.name, "revision": _hub_revision(model.name)}
-
-
-def _hub_revision(name: str) -> str | None:
-    """The commit of a hub model in the local cache (transformers records it on load); None offline
-    without a cached copy."""
-    try:
-        from transformers import AutoConfig
-
-        return getattr(AutoConfig.from_pretrained(name), "_commit_hash", None)
-    except (OSError, ValueError):
-        return None
+    if trained_from and trained_from.get("hub") == model.name:
+        return {"hub": model.name, "revision": trained_from["revision"]}
+    return {"hub": model.name, "revision": hub_commit(model.name)}
 
 
 def publish_base(folder: Path, tokenizer: Path, registry: str, model_name: str, task: str, scratch: Path) -> dict:

@@ -108,3 +108,12 @@ def copy_plain_files(folder: Path, dest: Path, skip: frozenset[str] = frozenset(
     for path in sorted(folder.iterdir()):
         if path.is_file() and path.name not in (TRAINED_JSON, MANIFEST, *skip) and not (dest / path.name).exists():
             shutil.copy2(path, dest / path.name)
+
+
+def hub_commit(name: str) -> str:
+    """The commit a hub id resolves to now: online, the hub's main; offline (HF_HUB_OFFLINE=1),
+    the cached one. A commit's files never change, so it stands for their bytes. Only config.json
+    is fetched: the weights download when training loads them."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name, allow_patterns=["config.json"])).name

@@ -73,7 +73,8 @@ def run(registry: RegistryConfig, evaluate: EvaluateConfig, model: ModelConfig, 
     (bundle / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=True))
     (bundle / "lineage.json").write_text(json.dumps(stages, indent=2, sort_keys=True, default=str))
     trained = json.loads((inputs["train"] / "model" / TRAINED_JSON).read_text())
-    base = base_reference(inputs["train"], trained, model, registry, metrics.get("task", "causal_lm"), scratch)
+    trained_from = (stages["train"].get("content") or {}).get("base")
+    base = base_reference(inputs["train"], trained, model, registry, metrics.get("task", "causal_lm"), scratch, trained_from)
     if base is not None:
         (bundle / BASE_JSON).write_text(json.dumps(base, indent=2, sort_keys=True))
         if (bundle / "model" / "adapter_config.json").is_file():
@@ -93,11 +94,12 @@ def run(registry: RegistryConfig, evaluate: EvaluateConfig, model: ModelConfig, 
     return {"version": version, "url": url, "newly_published": written, **scores}
 
 
-def base_reference(train: Path, trained: dict, model: ModelConfig, registry: RegistryConfig, task: str, scratch: Path) -> dict | None:
+def base_reference(train: Path, trained: dict, model: ModelConfig, registry: RegistryConfig, task: str, scratch: Path,
+                   trained_from: dict | None = None) -> dict | None:
     """What base.json records. An adapters-only model whose base exists nowhere else (a scratch
     initialisation, a local folder) gets that base published first, so the version loads from
     the registry alone."""
-    base = describe_base(model)
+    base = describe_base(model, trained_from)
     adapters_only = trained.get("method") != "full"
     if adapters_only and (base is None or "path" in base):
         folder = train / "base" if base is None else Path(base["path"])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pipeline.config import ModelConfig, SlurmConfig, TrainConfig
 from pipeline.file_digests import folder_digests
-from pipeline.registry.bases import SCHEME, registry_base
+from pipeline.registry.bases import SCHEME, hub_commit, registry_base
 
 
 def library_versions() -> dict[str, str]:
@@ -36,15 +36,6 @@ def pretrained_base_content(model: ModelConfig) -> dict:
     if folder.is_dir():
         return {"base": {"files": folder_digests(folder)}}
     return {"base": {"hub": model.name, "revision": hub_commit(model.name)}}
-
-
-def hub_commit(name: str) -> str:
-    """The commit a hub id resolves to now: online, the hub's main; offline (HF_HUB_OFFLINE=1),
-    the cached one. A commit's files never change, so it stands for their bytes. Only config.json
-    is fetched: the weights download when training loads them."""
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(name, allow_patterns=["config.json"])).name
 
 
 def content_fingerprint(model: ModelConfig, train: TrainConfig, slurm: SlurmConfig) -> dict[str, str]:
