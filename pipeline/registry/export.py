@@ -17,7 +17,6 @@ not empty is refused, so nothing there is overwritten.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pipeline.registry.bases import copy_plain_files, write_whole_model
