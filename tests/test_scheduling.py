@@ -402,6 +402,39 @@ def failing_run(server, tmp_path: Path, source: str, retries: int = 2) -> tuple[
 BAD_CSV = "question,answer\nWhere is my parcel?,It ships tomorrow.\n"  # no prompt or response column
 
 
+def test_a_run_stopped_while_queued_for_a_full_train_limit_exits(prefect_server, tmp_path):
+    """SIGTERM to a `tunepipe run` that waits for a slot of a full limit on a server: it leaves
+    with exit 143 and one line. Before, Prefect's exit hook drained its slot-request service,
+    which waits for a slot that never frees, and the process hung at exit for good."""
+    server, name = prefect_server, "tunepipe-train-tunepipe"  # the limit of ad-hoc runs
+    status, _ = api(server, "PATCH", f"/v2/concurrency_limits/{name}", {"limit": 1, "active_slots": 1})
+    if status == 404:
+        ok(server, "POST", "/v2/concurrency_limits/", {"name": name, "limit": 1, "active_slots": 1})
+    log = tmp_path / "run.log"
+    overrides = tiny_overrides(tmp_path / "registry", **{"data.source": tiny_data(tmp_path), "registry.model_name": "stopped"}, **STEPS)
+    proc = subprocess.Popen(cli_command("run", str(QUICKSTART), "--workdir", str(tmp_path / "runs"), *set_args(overrides)),
+                            cwd=tmp_path, env=server.env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while f"taking a slot of concurrency limit {name!r}" not in log.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, tail(log)
+            time.sleep(0.2)
+        time.sleep(3)  # inside the slot request, which polls the full limit
+        assert proc.poll() is None, tail(log)
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=90)
+        took = time.monotonic() - stopped
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        ok(server, "PATCH", f"/v2/concurrency_limits/{name}", {"active_slots": 0})
+    assert code == 143, tail(log)
+    assert took < 60, f"{took:.0f} s to exit"  # the CLI bounds a stopped run's exit to 30 s
+    assert "tunepipe: stopped by SIGTERM; a rerun reuses every committed stage" in tail(log, 5)
+    assert not (tmp_path / "runs" / "train").exists() or not list((tmp_path / "runs" / "train").glob("*/manifest.json"))
+
+
 def test_a_failing_remote_ingest_is_retried_then_names_its_stage(prefect_server, tmp_path, s3_bucket):
     import s3fs
 
