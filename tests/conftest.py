@@ -160,7 +160,7 @@ def prefect_server(tmp_path_factory):
 # to two workers in collection order, and a long file started last keeps one worker busy alone.
 LONGEST_FIRST = (
     "test_minilm.py", "test_slurm_train.py", "test_train_distributed.py", "test_scheduling.py",
-    "test_readme_commands.py", "test_serve.py", "test_registry_chain.py",
+    "test_readme_commands.py", "test_serve.py", "test_registry_chain.py", "test_no_orphans.py",
 )
 
 
