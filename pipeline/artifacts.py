@@ -291,7 +291,6 @@ class StageOutput:
             self.path = Path(tempfile.mkdtemp(prefix=f"tunepipe-{self.stage}-"))
         else:
             parent = Path(self.root) / self.stage
-            parent.mkdir(parents=True, exist_ok=True)
             # Claimed while this run lives; a killed run's staging folders of this stage are
             # removed here by the next run (pipeline/leftovers.py), whatever their fingerprint.
             self.path = make_private_folder(parent, ".staging-", log=lambda line: print(f"[{self.stage}] {line}", flush=True))
@@ -299,12 +298,8 @@ class StageOutput:
 
     def abandon(self) -> None:
         """Remove this run's own staging folder (the run failed, or it was renamed into place)."""
-        if self.path is None:
-            return
-        if is_remote(self.root):
-            shutil.rmtree(self.path, ignore_errors=True)
-        else:
-            release(self.path)
+        if self.path is not None:
+            release(self.path)  # a remote root's local temporary folder has no claim: removed all the same
 
     def commit(self, stats: dict[str, Any], record: dict[str, Any]) -> Artifact:
         """Commit, or find that a concurrent run committed this output first; returns the committed artifact."""

@@ -52,7 +52,8 @@ def make_private_folder(parent: Path, prefix: str, log: Callable[[str], None] | 
 
 def release(folder: Path) -> None:
     """Remove this process's private folder if it is still there (not renamed into place), then
-    its claim; the lock goes with the claim's last close."""
+    its claim; the lock goes with the claim's last close. A folder made without a claim (a
+    temporary one) is just removed."""
     shutil.rmtree(folder, ignore_errors=True)
     claim = _HELD.pop(folder, None)
     try:

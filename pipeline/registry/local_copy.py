@@ -44,7 +44,6 @@ def local_copy(registry: str, model: str, version: str) -> Path:
     """A verified local copy of `model/version` (layout as in the registry: model/, tokenizer/, ...)."""
     dest = version_cache(registry, model, version) / "copy"
     if not _reusable(dest):
-        dest.parent.mkdir(parents=True, exist_ok=True)
         # Each puller pulls into a folder of its own, then renames it onto `dest`: the first wins.
         # A killed puller's folder is removed by the next one (pipeline/leftovers.py).
         mine = make_private_folder(dest.parent, ".copy-")
@@ -63,7 +62,6 @@ def derived_folder(registry: str, model: str, version: str, kind: str, build) ->
     built, and renamed into place; checked against that manifest like a copy on every reuse."""
     dest = version_cache(registry, model, version) / kind
     if not _reusable(dest):
-        dest.parent.mkdir(parents=True, exist_ok=True)
         mine = make_private_folder(dest.parent, f".{kind}-")
         try:
             build(mine)

@@ -77,7 +77,6 @@ def _committed_manifest(url: str) -> dict | None:
 
 def _commit_local(local: Path, final: Path, manifest: dict) -> bool:
     """Copy into a staging folder beside the version, then rename it onto the version."""
-    final.parent.mkdir(parents=True, exist_ok=True)
     # Claimed while this publisher lives: a killed publisher's copy is removed by the next one.
     staging = make_private_folder(final.parent, ".staging-")  # any version's leftovers, not only this one's
     try:

@@ -46,7 +46,6 @@ class JobOutput:
             self.path = Path(tempfile.mkdtemp(prefix="tunepipe-job-output-"))
         else:
             parent = Path(where).parent
-            parent.mkdir(parents=True, exist_ok=True)
             # Claimed while this rank lives: a killed job's folder is removed by the next job on this host.
             self.path = make_private_folder(parent, ".staging-output-")
 
@@ -60,17 +59,11 @@ class JobOutput:
             else:
                 artifacts.commit_staged(self.path, Path(self.where), manifest)
         finally:
-            self._remove()
+            release(self.path)
 
     def abandon(self) -> None:
         if self.commit_at_end and self.is_main:
-            self._remove()
-
-    def _remove(self) -> None:
-        if artifacts.is_remote(self.where):
-            shutil.rmtree(self.path, ignore_errors=True)
-        else:
-            release(self.path)
+            release(self.path)  # a local staging folder with its claim, or a temporary one without
 
 
 def committed(where: str) -> dict[str, Any] | None:
